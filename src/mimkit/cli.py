@@ -1,0 +1,95 @@
+"""``mimkit`` command line: thin parsing around the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="preset name or YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from mimkit.config import ConfigError, load_config
+    from mimkit.engine.trainer import pretrain
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues the run's saved config; give key=value overrides only")
+        pretrain(None, args.out, resume=True, overrides=args.overrides)
+    else:
+        pretrain(load_config(args.config or "fmnist_tiny", args.overrides), args.out)
+
+
+def cmd_visualize(args: argparse.Namespace) -> None:
+    import mimkit
+    from mimkit.data import dataset_stats
+    from mimkit.viz import load_images, save_reconstruction_grid
+
+    model = mimkit.load_model(args.checkpoint)
+    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats)
+    imgs = load_images(args.images, model, mean, std, limit=args.num)
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=g)
+    path = save_reconstruction_grid(model, imgs, args.out, mean, std, noise=noise,
+                                    upscale=max(1, 128 // model.img_size[0]))
+    print(f"wrote {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mimkit.demo import run_demo
+
+    report = run_demo(args.out, args.overrides)
+    print(f"report: {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a ViT by masked image modeling")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("visualize", help="reconstruction grid for some images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--num", type=int, default=8, help="at most this many images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    p.add_argument("--stats", default="folder", help="data set whose mean/std normalise inputs")
+    p.add_argument("--mean", type=float, nargs="+", default=None)
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mimkit.config import ConfigError
+    from mimkit.engine.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileExistsError) as e:
+        print(f"mimkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimkit: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Typed config: dataclass defaults ⊕ preset/YAML file ⊕ ``key=value`` overrides.
+
+A wrong key or a value of the wrong type fails at start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base_patch16"  # a name in mimkit.models.mae.ARCHS
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: int | None = None  # None: the arch's value
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    mlp_ratio: float | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "folder"  # folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
+    root: str | None = None
+    mean: list[float] | None = None  # None: the data set's usual statistics
+    std: list[float] | None = None
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    num_workers: int = 4
+    on_corrupt: str = "error"  # error | skip
+    synthetic_size: int = 512
+    label_fraction: float = 1.0  # evaluation: seeded class-balanced subset of the labels
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    max_steps: int | None = None  # total optimizer steps; replaces epochs when set
+    warmup_epochs: float = 40.0
+    batch_size: int = 64  # per device
+    accum_iter: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None  # absolute lr; None: blr * effective_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float | None = None
+    seed: int = 0
+    amp: str = "auto"  # auto (bf16 where supported, fp32 on CPU) | bf16 | fp16 | off
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    checkpoint_every: int = 1000  # optimizer steps
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    vis_every: int = 0  # steps between reconstruction images (0: only at the end)
+    knn_every: int = 0  # epochs between online k-NN monitors (0: off)
+
+
+@dataclass
+class EMAEConfig:
+    num_parts: int = 0  # parts run per step; 0: all K = 1/(1-mask_ratio)
+    sc_weight: float = 1.0  # λ of the self-consistency loss
+    sc_warmup_epochs: float = 0.0
+    sc_distance: str = "mse"  # mse | l1 | smooth_l1
+    sc_target: str = "other"  # other | mean
+    sequential: bool = False  # run parts one after another to save memory
+
+
+@dataclass
+class TeacherConfig:
+    weight: float = 1.0  # γ of the teacher-consistency loss
+    momentum: float = 0.996
+    momentum_end: float = 1.0
+    schedule: str = "cosine"  # cosine | constant
+    mask: str = "same"  # same | different
+    eval_weights: str = "teacher"  # teacher | student
+
+
+@dataclass
+class MixedAEConfig:
+    ways: int = 0  # r images mixed per sample; 0: 1/(1-mask_ratio)
+    attn_blocks: list[int] | None = None  # encoder blocks with homologous attention; None: all
+    topk: int = 0  # keys kept per query; 0: L/r
+    oracle: bool = False
+    hc_weight: float = 0.5
+    hc_temperature: float = 0.2
+    hc_proj_dim: int = 128
+    hc_prototype: bool = False
+    segment_embed: str = "none"  # none | decoder | encoder
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    feature: str = "cls"  # cls | mean | both
+    batch_size: int = 256
+    max_train_samples: int = 0  # 0: all
+
+
+@dataclass
+class Config:
+    method: str = "mae"  # mae | emae | rcmae | mixedae, or a '+'-combination such as emae+rcmae
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    emae: EMAEConfig = field(default_factory=EMAEConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mixedae: MixedAEConfig = field(default_factory=MixedAEConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.on_corrupt": ("error", "skip"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "emae.sc_distance": ("mse", "l1", "smooth_l1"),
+    "emae.sc_target": ("other", "mean"),
+    "teacher.schedule": ("cosine", "constant"),
+    "teacher.mask": ("same", "different"),
+    "teacher.eval_weights": ("teacher", "student"),
+    "mixedae.segment_embed": ("none", "decoder", "encoder"),
+    "eval.feature": ("cls", "mean", "both"),
+}
+METHOD_PARTS = ("mae", "emae", "rcmae", "mixedae")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field type (int, float, bool, str, list, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in updates.items():
+        key = prefix + str(name)
+        if name not in names:
+            valid = [prefix + n for n in names]
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
+            _merge(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``'train.epochs=5'`` → ``{'train': {'epochs': 5}}`` (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return _nest(key.strip(), value)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(source: str | Path) -> dict:
+    """A preset name or a YAML file path → dict (a file may name a ``base`` preset/file)."""
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            close = difflib.get_close_matches(str(source), preset_names(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"no preset or file named '{source}'{hint}; presets: {', '.join(preset_names())}"
+            )
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_update(read_yaml(base), data)
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults ⊕ preset/file ⊕ ``key=value`` overrides, validated."""
+    cfg = Config()
+    if source is not None:
+        _merge(cfg, read_yaml(source))
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
+    """A saved config (e.g. a run's ``config.yaml``) plus ``key=value`` overrides, validated."""
+    cfg = Config()
+    _merge(cfg, data)
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def method_parts(method: str) -> set[str]:
+    """``'emae+rcmae'`` → ``{'emae', 'rcmae'}``; validates the names."""
+    parts = {p.strip() for p in method.split("+")}
+    for p in parts:
+        if p not in METHOD_PARTS:
+            close = difflib.get_close_matches(p, METHOD_PARTS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"method: unknown '{p}'{hint}; choose from {', '.join(METHOD_PARTS)}")
+    return parts - {"mae"} if len(parts) > 1 else parts
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types cannot express; each error names its key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    method_parts(cfg.method)
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio: must be in (0, 1), got {cfg.mask_ratio}")
+    from mimkit.models.mae import ARCHS
+
+    if cfg.model.arch not in ARCHS:
+        close = difflib.get_close_matches(cfg.model.arch, ARCHS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.arch: unknown '{cfg.model.arch}'{hint}; choose from {sorted(ARCHS)}")
+    patch = cfg.model.patch_size or ARCHS[cfg.model.arch]["patch_size"]
+    if cfg.model.img_size % patch:
+        raise ConfigError(
+            f"model.img_size: {cfg.model.img_size} is not divisible by the patch size {patch}"
+        )
+    if cfg.model.in_chans not in (1, 3):
+        raise ConfigError(f"model.in_chans: must be 1 or 3, got {cfg.model.in_chans}")
+    t = cfg.train
+    positive = {"train.batch_size": t.batch_size, "train.accum_iter": t.accum_iter,
+                "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
+                "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps: must be >= 1, got {t.max_steps}")
+    if t.epochs < 1 and t.max_steps is None:
+        raise ConfigError(f"train.epochs: must be >= 1, got {t.epochs}")
+    if not 0.0 < cfg.data.label_fraction <= 1.0:
+        raise ConfigError(f"data.label_fraction: must be in (0, 1], got {cfg.data.label_fraction}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas: expected two values, got {t.betas}")

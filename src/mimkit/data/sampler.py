@@ -1,0 +1,40 @@
+"""Epoch-seeded, resumable, rank-sharded sampling.
+
+The order of epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``. Global batch ``g`` is
+``perm[g·G:(g+1)·G]`` with ``G = batch·world``; rank ``r`` takes the ``r``-th slice of it. So the
+same global batches are seen at any world size, and a run resumes mid-epoch by starting at ``g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class ShardedEpochSampler(Sampler[int]):
+    """Indices of one epoch for one rank, starting at global batch ``start_batch``."""
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, epoch: int,
+        start_batch: int = 0, rank: int = 0, world_size: int = 1,
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        self.global_batch = batch_size * world_size
+        self.num_batches = n // self.global_batch  # incomplete last batch dropped
+
+    def __iter__(self) -> Iterator[int]:
+        perm = epoch_permutation(self.n, self.seed, self.epoch)
+        for g in range(self.start_batch, self.num_batches):
+            lo = g * self.global_batch + self.rank * self.batch_size
+            yield from perm[lo:lo + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start_batch, 0) * self.batch_size

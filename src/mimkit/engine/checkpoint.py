@@ -1,0 +1,116 @@
+"""Atomic, pickle-free checkpoints: ``torch.save`` of tensors and plain data only, loaded with
+``weights_only=True`` so that a tampered file cannot execute code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("mimkit")
+CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely; a truncated or foreign file raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip errors, unpickling refusals, EOF on truncation
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {reason}. The file is truncated, corrupt, or holds "
+            "objects other than tensors and plain data (refused for safety)."
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-STEP.pt`` in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    found = []
+    for p in run_dir.glob("checkpoint-*.pt"):
+        m = CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    """Write ``checkpoint-STEP.pt`` atomically and delete all but the newest ``keep``."""
+    path = Path(run_dir) / f"checkpoint-{step:08d}.pt"
+    atomic_save(state, path)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path]:
+    """Newest readable checkpoint; a corrupt newest one falls back to the previous one."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint-*.pt in {run_dir} to resume from")
+    for _, path in reversed(found):
+        try:
+            return load_file(path, map_location), path
+        except CheckpointError as e:
+            log.warning("%s; trying the previous checkpoint", e)
+    raise CheckpointError(f"no readable checkpoint in {run_dir}")
+
+
+def rng_state() -> dict:
+    """Every RNG a step may touch (torch CPU/CUDA, numpy, python)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(
+            np.random.get_state()[1].astype("<u4").tobytes(), dtype=np.uint8).copy()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": torch.tensor(_python_rng_words(), dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _python_rng_words() -> list[int]:
+    version, words, gauss = random.getstate()
+    return list(words)
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype="<u4")
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(int(w) for w in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -1,0 +1,94 @@
+"""Masks as data: noise in, index tensors out (METHODS §0, §2, §4).
+
+Every function here is pure: the same ``noise`` gives the same masks, which is what makes
+training reproducible, resume exact, and the variants (EMAE parts, MixedAE mixing) cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Masks:
+    """One masking of a batch. ``mask`` is float, 1 = masked (removed), 0 = visible."""
+
+    ids_keep: torch.Tensor  # (B, len_keep) indices of visible patches, in shuffle order
+    ids_restore: torch.Tensor  # (B, L) inverse of the shuffle
+    mask: torch.Tensor  # (B, L) in original patch order
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """``len_keep = int(L * (1 - mask_ratio))`` — truncation, as the official MAE code."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float) -> Masks:
+    """MAE per-sample masking: small noise is kept (``argsort`` ascending)."""
+    batch, length = noise.shape
+    len_keep = num_visible(length, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch, length, device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Masks(ids_keep, ids_restore, mask)
+
+
+def num_parts_for(mask_ratio: float, num_patches: int) -> int:
+    """``K = 1 / (1 - mask_ratio)`` for a K-part partition; errors when K is not usable."""
+    visible = 1.0 - mask_ratio
+    if visible <= 0:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch")
+    parts = round(1.0 / visible)
+    if abs(parts * visible - 1.0) > 1e-6:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} gives K = 1/(1-mask_ratio) = {1.0 / visible:.4g}, not an "
+            "integer; a K-part partition needs e.g. 0.5 (K=2), 0.75 (K=4), 0.8 (K=5), 0.875 (K=8)"
+        )
+    if num_patches % parts:
+        raise ValueError(
+            f"K={parts} parts (mask_ratio={mask_ratio}) do not divide L={num_patches} patches; "
+            "choose an image/patch size whose patch count is a multiple of K"
+        )
+    return parts
+
+
+def partition_masking(noise: torch.Tensor, num_parts: int) -> list[Masks]:
+    """K disjoint visible sets covering every patch once (EMAE parts, MixedAE sources).
+
+    One permutation ``π = argsort(noise)`` per image; part k keeps ``π[k·n_v:(k+1)·n_v]``.
+    Part 0 is exactly ``random_masking(noise, 1 - 1/K)``: with one part, EMAE is MAE.
+    """
+    batch, length = noise.shape
+    if length % num_parts:
+        raise ValueError(f"{num_parts} parts do not divide L={length} patches")
+    n_vis = length // num_parts
+    ids_shuffle = torch.argsort(noise, dim=1)
+    parts = []
+    for k in range(num_parts):
+        # Rotating the permutation puts part k's patches first; the rest are "masked".
+        shuffle_k = torch.roll(ids_shuffle, shifts=-k * n_vis, dims=1)
+        ids_restore = torch.argsort(shuffle_k, dim=1)
+        mask = torch.ones(batch, length, device=noise.device)
+        mask[:, :n_vis] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        parts.append(Masks(shuffle_k[:, :n_vis], ids_restore, mask))
+    return parts
+
+
+def stack_masks(parts: list[Masks]) -> Masks:
+    """Concatenate parts on the batch axis, part-major (``K·B``)."""
+    return Masks(
+        torch.cat([p.ids_keep for p in parts]),
+        torch.cat([p.ids_restore for p in parts]),
+        torch.cat([p.mask for p in parts]),
+    )
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``x[b, ids[b, n]]`` for (B, L, D) tokens and (B, N) indices."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,203 @@
+"""The MAE model: encoder, decoder, loss — official-MAE state-dict names (METHODS §0)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import PatchEmbed, to_2tuple
+from torch import nn
+
+from mimkit.masking import Masks, gather_tokens, random_masking
+from mimkit.models.vit import LayerNorm, make_blocks, patchify, sincos_2d, unpatchify
+
+# Encoder presets: (embed_dim, depth, num_heads, patch_size). Decoder default 512-d, 8 blocks.
+ARCHS: dict[str, dict] = {
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3, patch_size=16),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
+    "vit_huge_patch14": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+    # Small-image presets (28-64 px inputs such as Fashion-MNIST or CIFAR).
+    "vit_tiny_small_images": dict(
+        embed_dim=192, depth=6, num_heads=3, patch_size=4,
+        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+    ),
+    "vit_small_small_images": dict(
+        embed_dim=384, depth=8, num_heads=6, patch_size=4,
+        decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+    ),
+}
+DECODER_DEFAULTS = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
+
+
+@dataclass
+class MAEOutput:
+    """What a forward pass returns; ``mask`` is 1 where a patch was masked."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor  # (B, L, p·p·C), in the target's space (norm-pix or raw)
+    mask: torch.Tensor  # (B, L)
+    ids_restore: torch.Tensor  # (B, L)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a timm-block ViT encoder and a light decoder."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        mask_ratio: float = 0.75,
+    ) -> None:
+        super().__init__()
+        img_size = to_2tuple(img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
+        self.arch = dict(
+            img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
+        )
+
+        # Encoder. Position tables are parameters with requires_grad=False, as in the
+        # official code, so that official checkpoints carry and load them by name.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
+        self.norm = LayerNorm(embed_dim)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = make_blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
+        self.decoder_norm = LayerNorm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Official MAE init: sin-cos tables, xavier everywhere, normal(0.02) tokens."""
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.grid))
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], self.grid))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # --- patches and targets -------------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.grid, self.in_chans)
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Per-patch target: normalized pixels with unbiased variance when ``norm_pix_loss``."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    # --- encoder / decoder ---------------------------------------------------------------
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with their position embedding, (B, L, D), before masking."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+    def add_cls(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encode the visible patches ``ids_keep`` (all when None); returns (B, 1+N, D)."""
+        x = self.embed(imgs)
+        if ids_keep is not None:
+            x = gather_tokens(x, ids_keep)
+        x = self.add_cls(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Predict every patch (B, L, p·p·C) from (B, 1+N, D) latents."""
+        x = self.decoder_embed(latent)
+        b, n = x.shape[0], ids_restore.shape[1] + 1 - x.shape[1]
+        x_ = torch.cat([x[:, 1:, :], self.mask_token.expand(b, n, -1)], dim=1)
+        x_ = gather_tokens(x_, ids_restore)  # un-shuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error on masked patches, averaged over the whole batch."""
+        return masked_mean((pred - self.target(imgs)) ** 2, mask)
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        masks: Masks | None = None,
+    ) -> MAEOutput:
+        """MAE forward. ``noise`` (B, L) or precomputed ``masks`` make masking reproducible."""
+        if masks is None:
+            if noise is None:
+                noise = torch.rand(imgs.shape[0], self.num_patches, device=imgs.device)
+            masks = random_masking(noise, self.mask_ratio if mask_ratio is None else mask_ratio)
+        latent = self.forward_encoder(imgs, masks.ids_keep)
+        pred = self.forward_decoder(latent, masks.ids_restore)
+        loss = self.forward_loss(imgs, pred, masks.mask)
+        return MAEOutput(loss, pred, masks.mask, masks.ids_restore)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoder tokens (B, 1+L, D) after the final norm, for evaluation."""
+        return self.forward_encoder(imgs, None)
+
+
+def masked_mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_i m_i · mean_j err_ij / Σ_i m_i`` — the MAE loss reduction."""
+    return (err.mean(dim=-1) * mask).sum() / mask.sum()
+
+
+def build_model(arch: str = "vit_base_patch16", **overrides) -> MaskedAutoencoderViT:
+    """Build an MAE from a preset name in :data:`ARCHS`; keyword arguments override it."""
+    if arch not in ARCHS:
+        import difflib
+
+        close = difflib.get_close_matches(arch, ARCHS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown model.arch '{arch}'{hint}; choose from {sorted(ARCHS)}")
+    kwargs = {**DECODER_DEFAULTS, **ARCHS[arch]}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return MaskedAutoencoderViT(**kwargs)
