@@ -78,6 +78,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
     speeds = [r["images_per_s"] for r in metrics if "images_per_s" in r]
     median_speed = sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
     save_config(cfg, out / "config.yaml") if not (out / "config.yaml").exists() else None
+    knn_desc = f"k={knn_pre['k']}, T={knn_pre['temperature']}, {knn_pre['feature']} features"
     report = out / "report.md"
     report.write_text(f"""# mimkit demo — MAE on Fashion-MNIST
 
@@ -87,7 +88,7 @@ mask ratio {cfg.mask_ratio}, norm-pix loss {cfg.norm_pix_loss}) for {metrics[-1]
 
 | | value |
 |---|---|
-| k-NN top-1, pre-trained encoder (k={knn_pre['k']}, T={knn_pre['temperature']}, {knn_pre['feature']} features) | **{100 * knn_pre['value']:.2f}%** |
+| k-NN top-1, pre-trained encoder ({knn_desc}) | **{100 * knn_pre['value']:.2f}%** |
 | k-NN top-1, same encoder randomly initialised | {100 * knn_rand['value']:.2f}% |
 | final training loss | {metrics[-1]['loss']:.4f} |
 | pre-training time (this run) | {train_time / 60:.1f} min |

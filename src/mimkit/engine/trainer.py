@@ -148,12 +148,17 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
     last_ckpt = None
 
     def make_state() -> dict:
-        return {
+        state = {
             "step": step, "config": to_dict(cfg), "objective": objective.state_dict(),
             "model": objective.eval_model().state_dict(), "optimizer": optimizer.state_dict(),
             "rng": rng_state(), "arch": model.arch, "norm_pix_loss": cfg.norm_pix_loss,
             "method": cfg.method, "format": "mimkit-v1",
         }
+        teacher = getattr(objective, "teacher", None)
+        if teacher is not None:  # RC-MAE-style: keep both; "model" holds the eval weights
+            state["student"] = objective.model.state_dict()
+            state["teacher"] = teacher.state_dict()
+        return state
 
     objective.train()
     while step < total_steps:
