@@ -94,16 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("eval", help="evaluate an encoder: k-NN, linear probe or fine-tuning")
-    p.add_argument("protocol", choices=["knn", "linprobe", "finetune"])
-    p.add_argument("--checkpoint", default=None,
-                   help="mimkit checkpoint, official MAE file, safetensors/timm export or HF folder")
-    p.add_argument("--config", default=None,
-                   help="preset or YAML file (default: the mimkit checkpoint's saved config)")
-    p.add_argument("--out", default=None, help="folder for eval_<protocol>.json (default: the checkpoint's)")
-    p.add_argument("--from-scratch", action="store_true", help="same recipe from a random initialisation")
-    p.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
-    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
-    p.set_defaults(func=cmd_eval)
+    protocols = p.add_subparsers(dest="protocol", required=True)
+    for name, text in (("knn", "weighted cosine k-NN on frozen features"),
+                       ("linprobe", "linear probe on frozen features (MAE protocol)"),
+                       ("finetune", "end-to-end fine-tuning (MAE protocol)")):
+        q = protocols.add_parser(name, help=text)
+        q.add_argument("--checkpoint", default=None,
+                       help="mimkit checkpoint, official MAE file, safetensors/timm export or HF folder")
+        q.add_argument("--config", default=None,
+                       help="preset or YAML file (default: the mimkit checkpoint's saved config)")
+        q.add_argument("--out", default=None,
+                       help="folder for eval_<protocol>.json (default: the checkpoint's folder)")
+        q.add_argument("--from-scratch", action="store_true", help="same recipe from a random initialisation")
+        q.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
+        q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
+        q.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="convert a checkpoint to timm, official MAE, HF or safetensors")
     p.add_argument("--checkpoint", required=True)

@@ -55,3 +55,16 @@ def test_transforms_for_gray_small_images(make_cfg):
     train, test = finetune_transforms(cfg)
     img = Image.new("RGB", (20, 20), (120, 30, 200))
     assert train(img).shape == test(img).shape == (1, 16, 16)
+
+
+def test_randaugment_posterize_at_full_magnitude(make_cfg):
+    # timm's 'inc1' posterize keeps 0 bits at magnitude 10, which Pillow >= 12 refuses.
+    from PIL import Image
+
+    cfg = make_cfg("eval.finetune.auto_augment=rand-m10-inc1")
+    train, _ = finetune_transforms(cfg)
+    ops = [op for t in train.transforms[1].transforms for op in getattr(t, "ops", [])]
+    (posterize,) = [op for op in ops if op.name == "PosterizeIncreasing"]
+    posterize.prob = 1.0
+    out = posterize(Image.new("RGB", (16, 16), (200, 100, 50)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))

@@ -53,7 +53,28 @@ def finetune_transforms(cfg) -> tuple:
         auto_augment=f.auto_augment, interpolation="bicubic", mean=mean_c, std=std_c,
         re_prob=f.reprob, re_mode=f.remode, re_count=f.recount,
     )
+    _fix_posterize(train)
     return T.Compose([ConvertChannels(c), train]), eval_transform(cfg.model.img_size, mean, std, c)
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize, with 0 bits meaning a black image (old Pillow) instead of an error:
+    Pillow ≥ 12 rejects ``bits=0``, which RandAugment ``inc1`` draws at magnitude 10."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform) -> None:
+    """Swap in :func:`_posterize` for the posterize ops of any timm RandAugment in ``transform``."""
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
 
 
 def build_classifier(cfg, num_classes: int, checkpoint=None, weights: str = "auto") -> nn.Module:

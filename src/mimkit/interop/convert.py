@@ -147,6 +147,11 @@ def _read_hf_folder(folder: Path) -> Weights:
     hf_state = _read_safetensors(file)[0] if file.suffix == ".safetensors" else load_file(file)
     if not any(k.startswith("vit.") for k in hf_state):  # ViTMAEModel: no "vit." prefix
         hf_state = {(k if k.startswith("decoder.") else f"vit.{k}"): v for k, v in hf_state.items()}
+    # transformers 5.x saves the decoder blocks as "decoder.decoder_encoder.layer.N" (its
+    # layers -> encoder.layer rename applied to "decoder_layers"); 4.x as "decoder.decoder_layers.N".
+    legacy_dec = "decoder.decoder_encoder.layer."
+    hf_state = {(f"decoder.decoder_layers.{k[len(legacy_dec):]}" if k.startswith(legacy_dec) else k): v
+                for k, v in hf_state.items()}
     state = from_hf_state_dict(hf_state)
     _check_state(state, folder)
     return Weights(state, _hf_arch(cfg), bool(cfg.get("norm_pix_loss", False)),
