@@ -113,8 +113,9 @@ class LinprobeConfig:
     """Linear probe (MAE protocol, METHODS §1); defaults suit small data sets on a CPU."""
 
     epochs: int = 90
-    batch_size: int = 256
-    blr: float = 0.1  # lr = blr * batch_size / 256
+    batch_size: int = 256  # per step; the effective batch is batch_size * accum_iter
+    accum_iter: int = 1
+    blr: float = 0.1  # lr = blr * effective batch / 256
     lr: float | None = None  # absolute lr; None: from blr
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
@@ -132,8 +133,9 @@ class FinetuneConfig:
 
     epochs: int = 50
     max_steps: int | None = None  # total optimizer steps; replaces epochs when set
-    batch_size: int = 128
-    blr: float = 1.0e-3  # lr = blr * batch_size / 256
+    batch_size: int = 128  # per step; the effective batch is batch_size * accum_iter
+    accum_iter: int = 1
+    blr: float = 1.0e-3  # lr = blr * effective batch / 256
     lr: float | None = None
     min_lr: float = 1.0e-6
     warmup_epochs: float = 5.0
@@ -404,7 +406,8 @@ def _validate_eval(e: EvalConfig) -> None:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
     positive = {"eval.batch_size": e.batch_size, "eval.knn_k": e.knn_k,
                 "eval.linprobe.epochs": e.linprobe.epochs, "eval.linprobe.batch_size": e.linprobe.batch_size,
-                "eval.finetune.epochs": e.finetune.epochs, "eval.finetune.batch_size": e.finetune.batch_size}
+                "eval.finetune.epochs": e.finetune.epochs, "eval.finetune.batch_size": e.finetune.batch_size,
+                "eval.linprobe.accum_iter": e.linprobe.accum_iter, "eval.finetune.accum_iter": e.finetune.accum_iter}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")

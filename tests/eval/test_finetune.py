@@ -68,3 +68,10 @@ def test_randaugment_posterize_at_full_magnitude(make_cfg):
     posterize.prob = 1.0
     out = posterize(Image.new("RGB", (16, 16), (200, 100, 50)))
     assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(make_cfg, tiny_ckpt):
+    cfg = make_cfg("eval.finetune.accum_iter=3", "eval.finetune.max_steps=2", "eval.finetune.batch_size=8")
+    out = run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))
+    assert out["steps"] == 2 and out["accum_iter"] == 3
+    assert out["lr"] == pytest.approx(cfg.eval.finetune.blr * 24 / 256)

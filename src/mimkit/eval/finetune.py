@@ -148,10 +148,12 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
                         persistent_workers=cfg.data.num_workers > 0)
     test_loader = DataLoader(test_ds, batch_size=cfg.eval.batch_size, shuffle=False,
                              num_workers=cfg.data.num_workers)
-    steps_per_epoch = len(loader)
+    accum = f.accum_iter
+    steps_per_epoch = max(1, len(loader) // accum)
     total = f.max_steps if f.max_steps is not None else f.epochs * steps_per_epoch
     warmup = f.warmup_epochs * steps_per_epoch
-    lr = f.lr if f.lr is not None else f.blr * batch / 256
+    eff_batch = batch * accum
+    lr = f.lr if f.lr is not None else f.blr * eff_batch / 256
 
     model = model.to(device)
     optimizer = build_optimizer(model, cfg, lr)
@@ -166,13 +168,14 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
     autocast = autocast_for(cfg.train.amp, device)
-    log.info("finetune: %d images, %d steps (%d/epoch), batch %d, lr %.3g, layer decay %s, device %s",
-             len(train_ds), total, steps_per_epoch, batch, lr, f.layer_decay, device)
+    log.info("finetune: %d images, %d steps (%d/epoch), batch %d x %d, lr %.3g, layer decay %s, device %s",
+             len(train_ds), total, steps_per_epoch, batch, accum, lr, f.layer_decay, device)
 
-    history, step, epoch, loss_sum, loss_n = [], 0, 0, 0.0, 0
+    history, step, epoch, micro, loss_sum, loss_n = [], 0, 0, 0, 0.0, 0
     bar = tqdm(total=total, desc="finetune", dynamic_ncols=True, mininterval=1.0)
     t_train = time.perf_counter()
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     while step < total:
         for imgs, y in loader:
             imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -185,13 +188,15 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
                 loss = criterion(model(imgs), y)
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"non-finite fine-tuning loss at step {step}; lower eval.finetune.blr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / accum).backward()
+            loss_sum, loss_n, micro = loss_sum + loss.item(), loss_n + 1, micro + 1
+            if micro % accum:
+                continue
             if f.clip_grad is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.2e}", refresh=False)
             if step >= total:
@@ -207,6 +212,6 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     train_s = time.perf_counter() - t_train
     acc = evaluate_classifier(model, test_loader, device, autocast)
     return {"metric": "finetune_top1", "value": acc, "epochs_run": step / steps_per_epoch, "steps": step,
-            "batch_size": batch, "lr": lr, "train_size": len(train_ds), "test_size": len(test_ds),
+            "batch_size": batch, "accum_iter": accum, "lr": lr, "train_size": len(train_ds), "test_size": len(test_ds),
             "num_classes": num_classes, "history": history,
             "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0}}

@@ -89,7 +89,7 @@ def _train_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, p, 
     torch.manual_seed(seed)
     feats, labels = feats.to(device), labels.to(device)
     head = LinearProbe(feats.shape[1], num_classes).to(device)
-    batch = min(p.batch_size, feats.shape[0])
+    batch = min(p.batch_size * p.accum_iter, feats.shape[0])  # tensors: no need to accumulate
     lr = p.lr if p.lr is not None else p.blr * batch / 256
     opt = build_optimizer(head, p.optimizer, lr, p.momentum, p.weight_decay)
     steps_per_epoch = max(1, feats.shape[0] // batch)
@@ -133,34 +133,41 @@ def _train_head_online(encoder, cfg, train_ds, num_classes: int, device: torch.d
     width = getattr(encoder, "embed_dim", None) or encoder.arch["embed_dim"]
     dim = width * (2 if p.feature == "both" else 1)
     head = LinearProbe(dim, num_classes).to(device)
-    batch = min(p.batch_size, len(train_ds))
-    lr = p.lr if p.lr is not None else p.blr * batch / 256
+    batch, accum = min(p.batch_size, len(train_ds)), p.accum_iter
+    lr = p.lr if p.lr is not None else p.blr * batch * accum / 256
     opt = build_optimizer(head, p.optimizer, lr, p.momentum, p.weight_decay)
     loader = DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=len(train_ds) > batch,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    steps_per_epoch = len(loader)
+    steps_per_epoch = max(1, len(loader) // accum)
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
     autocast = autocast_for(cfg.train.amp, device)
     loss_fn = nn.CrossEntropyLoss()
-    step, loss = 0, torch.zeros(())
+    step, micro, loss = 0, 0, torch.zeros(())
     bar = tqdm(total=total, desc="linprobe", dynamic_ncols=True, mininterval=1.0)
     head.train()
-    for _ in range(p.epochs):
+    opt.zero_grad(set_to_none=True)
+    while step < total:
         for imgs, y in loader:
             for group in opt.param_groups:
                 group["lr"] = warmup_cosine(step, total, warmup, lr, p.min_lr)
             with torch.no_grad(), autocast:
                 tokens = encoder.forward_features(imgs.to(device, non_blocking=True))
             loss = loss_fn(head(pool_tokens(tokens.float(), p.feature)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / accum).backward()
+            micro += 1
+            if micro % accum:
+                continue
             opt.step()
+            opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
+            if step >= total:
+                break
     bar.close()
     head.eval()
-    return head, {"lr": lr, "batch_size": batch, "steps": step, "final_loss": loss.item()}
+    return head, {"lr": lr, "batch_size": batch, "accum_iter": accum, "steps": step,
+                  "final_loss": loss.item()}
 
 
 def run_linprobe(encoder, cfg, device: torch.device) -> dict:
