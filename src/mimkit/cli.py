@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mimkit.config import ConfigError
     from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.trainer import Preempted
 
     args = build_parser().parse_args(argv)
     try:
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"mimkit: {e}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("mimkit: interrupted; resume with --resume", file=sys.stderr)
         return 130

@@ -12,8 +12,9 @@ import torch
 
 from mimkit.config import load_config, save_config
 from mimkit.engine.checkpoint import list_checkpoints
+from mimkit.engine.distributed import pick_device
 from mimkit.engine.logging import read_metrics, setup_logging
-from mimkit.engine.trainer import pick_device, pretrain
+from mimkit.engine.trainer import pretrain
 
 log = logging.getLogger("mimkit")
 
