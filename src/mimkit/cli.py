@@ -29,7 +29,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.viz import load_images, save_reconstruction_grid
 
     model = mimkit.load_model(args.checkpoint)
-    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats)
+    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats, model.in_chans)
     imgs = load_images(args.images, model, mean, std, limit=args.num)
     import torch
 

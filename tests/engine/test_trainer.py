@@ -44,6 +44,7 @@ def test_run_folder_contents(tmp_path, tiny_overrides):
     run = pretrain(load_config(None, tiny_overrides + ["train.max_steps=4", "train.checkpoint_every=2",
                                                        "train.keep_checkpoints=1"]), tmp_path / "r")
     assert (run / "config.yaml").exists() and list((run / "tb").iterdir())
+    assert (run / "reconstructions-00000004.png").stat().st_size > 0
     assert [s for s, _ in list_checkpoints(run)] == [4]
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

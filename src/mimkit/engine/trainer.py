@@ -68,11 +68,9 @@ def autocast_for(amp: str, device: torch.device):
 
 def pretrain_dataset(cfg: Config, num_patches: int):
     """The seeded pre-training dataset: (image, noise), label per sample."""
-    from mimkit.data import SeededDataset, build_dataset, dataset_stats, pretrain_transform
+    from mimkit.data import SeededDataset, build_dataset, pretrain_transform, stats_for
 
-    mean, std = cfg.data.mean, cfg.data.std
-    if mean is None or std is None:
-        mean, std = dataset_stats(cfg.data.name)
+    mean, std = stats_for(cfg)
     transform = pretrain_transform(
         cfg.model.img_size, mean, std, cfg.model.in_chans,
         scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
@@ -107,6 +105,22 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def save_reconstructions(model, cfg: Config, path: Path, num: int = 8) -> Path:
+    """Reconstruction grid of the first test images with fixed masks (see mimkit.viz)."""
+    from mimkit.data import stats_for
+    from mimkit.eval.knn import eval_dataset
+    from mimkit.viz import save_reconstruction_grid
+
+    data = eval_dataset(cfg, "test")
+    device = next(model.parameters()).device
+    imgs = torch.stack([data[i][0] for i in range(min(num, len(data)))]).to(device)
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0))
+    mean, std = stats_for(cfg)
+    return save_reconstruction_grid(model, imgs, path, mean, std, noise.to(device),
+                                    upscale=max(1, 128 // cfg.model.img_size))
 
 
 def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
@@ -270,6 +284,8 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
                     data_time = 0.0
                 preempted = stop.received is not None if not info.enabled else \
                     (is_log and any_rank(stop.received is not None, info, device))
+                if info.is_main and (step == total_steps or (t.vis_every and step % t.vis_every == 0)):
+                    save_reconstructions(objective.eval_model(), cfg, run / f"reconstructions-{step:08d}.png")
                 if is_ckpt or preempted:
                     last_ckpt = checkpoint()
                 if preempted:
