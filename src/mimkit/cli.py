@@ -29,7 +29,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.viz import load_images, save_reconstruction_grid
 
     model = mimkit.load_model(args.checkpoint)
-    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats)
+    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats, model.in_chans)
     imgs = load_images(args.images, model, mean, std, limit=args.num)
     import torch
 
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mimkit.config import ConfigError
     from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.trainer import Preempted
 
     args = build_parser().parse_args(argv)
     try:
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"mimkit: {e}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("mimkit: interrupted; resume with --resume", file=sys.stderr)
         return 130

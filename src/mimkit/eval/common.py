@@ -44,15 +44,6 @@ def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, s
     return sorted(int(i) for i in np.concatenate(picked)) if picked else []
 
 
-def norm_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The data config's normalisation, or the data set's usual statistics."""
-    from mimkit.data import dataset_stats
-
-    if cfg.data.mean is not None and cfg.data.std is not None:
-        return tuple(cfg.data.mean), tuple(cfg.data.std)
-    return dataset_stats(cfg.data.name)
-
-
 def labelled_dataset(cfg, split: str, transform: Callable | None = None, label_fraction: float = 1.0,
                      max_samples: int = 0, seed: int | None = None) -> Dataset:
     """``split`` of cfg's data set with ``transform`` (default: the evaluation transform).
@@ -60,11 +51,11 @@ def labelled_dataset(cfg, split: str, transform: Callable | None = None, label_f
     ``label_fraction < 1`` keeps a seeded class-balanced subset (``data.label_fraction``);
     ``max_samples`` then caps the size with a seeded random subset.
     """
-    from mimkit.data import build_dataset, eval_transform
+    from mimkit.data import build_dataset, eval_transform, stats_for
 
     seed = cfg.train.seed if seed is None else seed
     if transform is None:
-        mean, std = norm_stats(cfg)
+        mean, std = stats_for(cfg)
         transform = eval_transform(cfg.model.img_size, mean, std, cfg.model.in_chans)
     ds = build_dataset(cfg.data.name, cfg.data.root, split, transform, on_corrupt=cfg.data.on_corrupt,
                        synthetic_size=cfg.data.synthetic_size, img_size=cfg.model.img_size,

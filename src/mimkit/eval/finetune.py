@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.engine.schedule import warmup_cosine
-from mimkit.eval.common import labelled_dataset, norm_stats, num_classes_of
+from mimkit.eval.common import labelled_dataset, num_classes_of
 
 log = logging.getLogger("mimkit")
 
@@ -38,19 +38,15 @@ def finetune_transforms(cfg) -> tuple:
     ``eval.finetune`` settings, and mimkit's deterministic evaluation transform."""
     from torchvision import transforms as T
 
-    from mimkit.data import ConvertChannels, eval_transform
+    from mimkit.data import ConvertChannels, eval_transform, stats_for
 
     f = cfg.eval.finetune
-    mean, std = norm_stats(cfg)
+    mean, std = stats_for(cfg)  # one value per model input channel
     c = cfg.model.in_chans
-    mean_c = tuple(mean) * c if len(mean) == 1 else tuple(mean)
-    std_c = tuple(std) * c if len(std) == 1 else tuple(std)
-    if len(mean_c) != c:  # RGB statistics, gray input
-        mean_c, std_c = (sum(mean) / len(mean),), (sum(std) / len(std),)
     train = create_transform(
         input_size=(c, cfg.model.img_size, cfg.model.img_size), is_training=True,
         scale=tuple(f.crop_scale), hflip=f.hflip, color_jitter=f.color_jitter,
-        auto_augment=f.auto_augment, interpolation="bicubic", mean=mean_c, std=std_c,
+        auto_augment=f.auto_augment, interpolation="bicubic", mean=tuple(mean), std=tuple(std),
         re_prob=f.reprob, re_mode=f.remode, re_count=f.recount,
     )
     _fix_posterize(train)

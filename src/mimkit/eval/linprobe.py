@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.engine.schedule import warmup_cosine
-from mimkit.eval.common import labelled_dataset, norm_stats, num_classes_of, pool_tokens
+from mimkit.eval.common import labelled_dataset, num_classes_of, pool_tokens
 from mimkit.eval.knn import extract_features
 
 log = logging.getLogger("mimkit")
@@ -175,7 +175,7 @@ def run_linprobe(encoder, cfg, device: torch.device) -> dict:
 
     The head trains on the ``data.label_fraction`` class-balanced subset of the training split.
     """
-    from mimkit.data import pretrain_transform
+    from mimkit.data import pretrain_transform, stats_for
 
     p = cfg.eval.linprobe
     encoder = encoder.to(device)
@@ -194,7 +194,7 @@ def run_linprobe(encoder, cfg, device: torch.device) -> dict:
         t2 = time.perf_counter()
         train_acc = head_accuracy(head, ftr, ltr)
     else:
-        mean, std = norm_stats(cfg)
+        mean, std = stats_for(cfg)
         aug = pretrain_transform(cfg.model.img_size, mean, std, cfg.model.in_chans,
                                  scale=tuple(p.crop_scale), hflip=cfg.data.hflip)
         train_ds = labelled_dataset(cfg, "train", aug, cfg.data.label_fraction)

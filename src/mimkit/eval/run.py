@@ -79,8 +79,8 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     config when one is given, so pre-trained and scratch runs match). The result goes to
     ``out`` (default: the checkpoint's folder). Returns (result, path).
     """
+    from mimkit.engine.distributed import pick_device
     from mimkit.engine.logging import setup_logging
-    from mimkit.engine.trainer import pick_device
     from mimkit.interop.convert import sha256_file
 
     if protocol not in PROTOCOLS:
