@@ -73,24 +73,25 @@ def _fix_posterize(transform) -> None:
                 op.aug_fn = _posterize
 
 
-def build_classifier(cfg, num_classes: int, checkpoint=None, weights: str = "auto") -> nn.Module:
-    """The timm ViT to fine-tune: from ``checkpoint`` (any format ``load_encoder`` reads), or —
-    ``checkpoint=None``, i.e. from scratch — from a freshly initialised MAE of cfg's architecture
-    (MAE init: sin-cos positions, xavier), seeded by ``train.seed``."""
+def build_classifier(cfg, num_classes: int, source=None, weights: str = "auto") -> nn.Module:
+    """The timm ViT to fine-tune, from ``source``: a path (any format ``mimkit.load_encoder``
+    reads), already-read :class:`~mimkit.interop.convert.Weights`, or ``None`` — from scratch: a
+    freshly initialised MAE of cfg's architecture (MAE init: sin-cos positions, xavier), seeded
+    by ``train.seed``."""
+    from mimkit.interop.convert import Weights, read_weights
     from mimkit.interop.timm import to_timm_vit
 
     f = cfg.eval.finetune
     kw = dict(num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path,
               img_size=cfg.model.img_size)
-    if checkpoint is not None:
-        import mimkit
+    if source is None:
+        from mimkit.models import model_from_config
 
-        return mimkit.load_encoder(checkpoint, weights, **kw)
-    from mimkit.models import model_from_config
-
-    torch.manual_seed(cfg.train.seed)
-    mae = model_from_config(cfg)
-    return to_timm_vit(mae.state_dict(), mae.arch, **kw)
+        torch.manual_seed(cfg.train.seed)
+        mae = model_from_config(cfg)
+        return to_timm_vit(mae.state_dict(), mae.arch, **kw)
+    w = source if isinstance(source, Weights) else read_weights(source, weights)
+    return to_timm_vit(w.state, w.arch, **kw)
 
 
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:

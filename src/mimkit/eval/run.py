@@ -17,18 +17,15 @@ log = logging.getLogger("mimkit")
 PROTOCOLS = ("knn", "linprobe", "finetune")
 
 
-def resolve_config(checkpoint: str | Path | None, config: str | Path | None,
-                   overrides: list[str] | tuple = ()) -> Config:
-    """``config`` (preset or file) ⊕ overrides; without one, a mimkit checkpoint's saved config."""
+def resolve_config(saved: dict | None, config: str | Path | None, overrides: list[str] | tuple = (),
+                   source: str | Path | None = None) -> Config:
+    """``config`` (preset or file) ⊕ overrides; without one, a mimkit checkpoint's ``saved`` config."""
     if config is not None:
         return load_config(config, overrides)
-    if checkpoint is not None:
-        from mimkit.interop.convert import read_weights
-
-        saved = read_weights(checkpoint).config
-        if saved:
-            return config_from_dict(saved, overrides)
-        raise ConfigError(f"{checkpoint} carries no mimkit config: give --config (a preset or YAML "
+    if saved:
+        return config_from_dict(saved, overrides)
+    if source is not None:
+        raise ConfigError(f"{source} carries no mimkit config: give --config (a preset or YAML "
                           "file naming the data set and image size)")
     raise ConfigError("give --checkpoint, or --config with --from-scratch")
 
@@ -44,28 +41,20 @@ def result_name(protocol: str, from_scratch: bool, label_fraction: float) -> str
     return name + ".json"
 
 
-def _encoder_for_features(cfg: Config, checkpoint, weights: str, from_scratch: bool):
-    """A timm ViT (``global_pool='token'``) whose ``forward_features`` are the MAE encoder's."""
+def _encoder_for_features(cfg: Config, w):
+    """A timm ViT (``global_pool='token'``) whose ``forward_features`` are the MAE encoder's;
+    ``w`` is the checkpoint's :class:`~mimkit.interop.convert.Weights`, or None (from scratch)."""
     from mimkit.interop.timm import to_timm_vit
 
-    if from_scratch:
+    if w is None:
         from mimkit.models import model_from_config
 
         torch.manual_seed(cfg.train.seed)
         mae = model_from_config(cfg)
-        return to_timm_vit(mae.state_dict(), mae.arch)
-    import mimkit
-
-    return mimkit.load_encoder(checkpoint, weights, global_pool="token", img_size=cfg.model.img_size)
-
-
-def _check_channels(cfg: Config, checkpoint) -> None:
-    from mimkit.interop.convert import read_weights
-
-    arch = read_weights(checkpoint).arch
-    if arch["in_chans"] != cfg.model.in_chans:
-        raise ConfigError(f"model.in_chans is {cfg.model.in_chans} but {checkpoint} was trained on "
-                          f"{arch['in_chans']}-channel images; set model.in_chans={arch['in_chans']}")
+        state, arch = mae.state_dict(), mae.arch
+    else:
+        state, arch = w.state, w.arch
+    return to_timm_vit(state, arch, global_pool="token", img_size=cfg.model.img_size)
 
 
 def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | Path | None = None,
@@ -81,14 +70,15 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     """
     from mimkit.engine.distributed import pick_device
     from mimkit.engine.logging import setup_logging
-    from mimkit.interop.convert import sha256_file
+    from mimkit.interop.convert import read_weights, sha256_file
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if checkpoint is None and not from_scratch:
         raise ConfigError("give --checkpoint (or --from-scratch for a random initialisation)")
     setup_logging()
-    cfg = resolve_config(checkpoint, config, overrides)
+    w = read_weights(checkpoint, weights) if checkpoint is not None else None  # read once
+    cfg = resolve_config(w.config if w else None, config, overrides, checkpoint)
     if out is None:
         if checkpoint is None:
             raise ConfigError("--out is required without --checkpoint")
@@ -96,8 +86,11 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         out = ckpt if ckpt.is_dir() else ckpt.parent
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and not from_scratch:
-        _check_channels(cfg, checkpoint)
+    if w is not None and w.arch["in_chans"] != cfg.model.in_chans:
+        raise ConfigError(f"model.in_chans is {cfg.model.in_chans} but {checkpoint} was trained on "
+                          f"{w.arch['in_chans']}-channel images; set model.in_chans={w.arch['in_chans']}")
+    if from_scratch:
+        w = None  # the checkpoint only lent its config
     device = pick_device(cfg.train.device)
     t0 = time.perf_counter()
     if protocol == "finetune":
@@ -105,10 +98,10 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         from mimkit.eval.finetune import build_classifier, run_finetune
 
         num_classes = num_classes_of(labelled_dataset(cfg, "train", transform=lambda x: x))
-        model = build_classifier(cfg, num_classes, None if from_scratch else checkpoint, weights)
+        model = build_classifier(cfg, num_classes, w)
         result = run_finetune(model, cfg, device)
     else:
-        encoder = _encoder_for_features(cfg, checkpoint, weights, from_scratch)
+        encoder = _encoder_for_features(cfg, w)
         if protocol == "knn":
             from mimkit.eval.knn import run_knn
 
