@@ -85,3 +85,10 @@ def pool_tokens(tokens: torch.Tensor, feature: str) -> torch.Tensor:
     if feature == "both":
         return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
     raise ValueError(f"feature must be cls, mean or both, got {feature!r}")
+
+
+def autocast_context(cfg, device: torch.device):
+    """The run's autocast (``train.amp``: bf16 on a GPU by default, none on a CPU)."""
+    from mimkit.engine.trainer import autocast_for
+
+    return autocast_for(cfg.train.amp, device)

@@ -12,22 +12,28 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.eval.common import labelled_dataset, pool_tokens
+from mimkit.eval.common import autocast_context, labelled_dataset, pool_tokens
 
 
 @torch.no_grad()
 def extract_features(encoder, loader: DataLoader, device: torch.device, feature: str = "cls",
-                     desc: str = "features", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample in ``loader``. ``feature``: cls | mean | both.
+                     desc: str = "features", normalize: bool = True,
+                     autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32, on the CPU) and labels of every sample in ``loader``.
 
-    With ``normalize`` (k-NN) each part is ℓ2-normalised before concatenation and the result
-    again; without (linear probe) the raw pooled tokens are returned.
+    ``feature``: cls | mean | both. With ``normalize`` (k-NN) each part is ℓ2-normalised before
+    concatenation and the result again; without (linear probe) the raw pooled tokens are
+    returned. ``autocast``: an optional autocast context (bf16 on GPU).
     """
+    from contextlib import nullcontext
+
     feats, labels = [], []
     was_training = encoder.training
     encoder.eval()
     for imgs, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        tokens = encoder.forward_features(imgs.to(device, non_blocking=True)).float()
+        with autocast or nullcontext():
+            tokens = encoder.forward_features(imgs.to(device, non_blocking=True))
+        tokens = tokens.float()
         if normalize:
             parts = {"cls": [tokens[:, 0]], "mean": [tokens[:, 1:].mean(1)],
                      "both": [tokens[:, 0], tokens[:, 1:].mean(1)]}[feature]
@@ -86,8 +92,9 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
                                    cfg.data.label_fraction), **kw)
     queries = DataLoader(eval_dataset(cfg, "test", max_test_samples, cfg.train.seed), **kw)
     encoder = encoder.to(device)
-    fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip())
-    fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} test".strip())
+    amp = autocast_context(cfg, device)
+    fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip(), autocast=amp)
+    fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} test".strip(), autocast=amp)
     num_classes = int(max(lb.max(), lq.max())) + 1
     acc = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k, temperature=e.knn_temperature,
                        num_classes=num_classes)

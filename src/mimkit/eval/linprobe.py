@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.engine.schedule import warmup_cosine
-from mimkit.eval.common import labelled_dataset, num_classes_of, pool_tokens
+from mimkit.eval.common import autocast_context, labelled_dataset, num_classes_of, pool_tokens
 from mimkit.eval.knn import extract_features
 
 log = logging.getLogger("mimkit")
@@ -186,9 +186,9 @@ def run_linprobe(encoder, cfg, device: torch.device) -> dict:
         train_ds = labelled_dataset(cfg, "train", None, cfg.data.label_fraction)
         num_classes = num_classes_of(train_ds)
         ftr, ltr = extract_features(encoder, DataLoader(train_ds, **kw), device, p.feature,
-                                    "train features", normalize=False)
+                                    "train features", normalize=False, autocast=autocast_context(cfg, device))
         fte, lte = extract_features(encoder, DataLoader(test_ds, **kw), device, p.feature,
-                                    "test features", normalize=False)
+                                    "test features", normalize=False, autocast=autocast_context(cfg, device))
         t1 = time.perf_counter()
         head, stats = train_head_on_features(ftr, ltr, num_classes, p, cfg.train.seed, device)
         t2 = time.perf_counter()
@@ -203,7 +203,7 @@ def run_linprobe(encoder, cfg, device: torch.device) -> dict:
         head, stats = _train_head_online(encoder, cfg, train_ds, num_classes, device)
         t2 = time.perf_counter()
         fte, lte = extract_features(encoder, DataLoader(test_ds, **kw), device, p.feature,
-                                    "test features", normalize=False)
+                                    "test features", normalize=False, autocast=autocast_context(cfg, device))
         train_acc = None
     acc = head_accuracy(head, fte, lte)
     return {"metric": "linprobe_top1", "value": acc, "train_top1": train_acc, "feature": p.feature,
