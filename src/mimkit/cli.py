@@ -47,6 +47,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mimkit.bench import main_from_args
+
+    main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
     p.set_defaults(func=cmd_demo)
+
+    from mimkit.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="time pre-training steps against transformers and lightly")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
