@@ -184,6 +184,14 @@ def _proc_status_kib(key: str) -> int | None:
     return None
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (less sensitive to a busy machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _reset_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
     try:
@@ -305,12 +313,14 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
         times = [start.elapsed_time(end) / 1e3 for start, end in events]
     else:
         times = []
+        cpu_start = _cpu_seconds()
         t_start = time.perf_counter()
         for _ in range(spec.iters):
             t = time.perf_counter()
             losses.append(step())
             times.append(time.perf_counter() - t)
         total_s = time.perf_counter() - t_start
+        cpu_s = _cpu_seconds() - cpu_start
 
     row: dict[str, Any] = {"impl": impl, **built.info, "trainable_params": trainable}
     if device.type == "cuda":
@@ -323,6 +333,7 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
         row.update(peak_mem_mib=(hwm - rss_base) / 1024 if known else None,
                    peak_rss_mib=hwm / 1024 if hwm is not None else None,
                    mem_method="VmHWM - VmRSS after set-up" + ("" if peak_reset else " (VmHWM could not be reset)"),
+                   cpu_s_per_step=cpu_s / spec.iters,
                    device_name=platform.processor() or platform.machine())
     median = statistics.median(times)
     row.update(
@@ -356,16 +367,24 @@ def _spawn(spec: BenchSpec, impl: str, timeout: float | None) -> dict[str, Any]:
     return {"impl": impl, "error": f"exit code {proc.returncode}: {tail}"}
 
 
+def _in_process(spec: BenchSpec, impl: str) -> dict[str, Any]:
+    try:
+        return run_worker(spec, impl)
+    except Exception as e:  # same contract as _spawn: a failure becomes a row with ``error``
+        return {"impl": impl, "error": f"{type(e).__name__}: {e}"}
+
+
 def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds: int = 1,
               peak_tflops: float | None = None, timeout: float | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, in_process: bool = False) -> dict[str, Any]:
     """Time every implementation in ``impls``; returns the JSON-ready report.
 
     With ``rounds > 1`` the implementations alternate (A, B, C, A, B, C, ...) and each one's
     fastest round (lowest median step time) is reported, which tames a noisy, shared machine.
+    ``in_process`` runs them all in this process (quick, for tests; peak memory then mixes).
     """
-    import torch
     import timm
+    import torch
 
     rows: dict[str, dict] = {}
     runs: list[dict] = []
@@ -379,7 +398,7 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
     for r in range(rounds):
         for impl in todo:
             log(f"round {r + 1}/{rounds}: {impl} ...")
-            row = _spawn(spec, impl, timeout)
+            row = _in_process(spec, impl) if in_process else _spawn(spec, impl, timeout)
             row["round"] = r
             runs.append(row)
             if "error" in row:
@@ -421,6 +440,7 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
         "ratios_mimkit_over": ratios,
         "rounds": runs,
         "rounds_rule": "fastest round (lowest median step time) per implementation",
+        "isolation": "in-process" if in_process else "one subprocess per implementation and round",
     }
 
 
@@ -430,8 +450,7 @@ def format_table(report: dict[str, Any]) -> str:
     cuda = spec["device"] == "cuda"
     mem_head = "peak mem MiB" if cuda else "peak RSS Δ MiB"
     head = ["impl", "ms/step", "images/s", mem_head, "GFLOP/step", "TFLOP/s"]
-    if cuda:
-        head.append("% of peak")
+    head.append("% of peak" if cuda else "CPU s/step")
     head += ["first loss", "mimkit ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ratios = report["ratios_mimkit_over"]
@@ -443,6 +462,8 @@ def format_table(report: dict[str, Any]) -> str:
         if cuda:
             frac = row.get("fraction_of_peak")
             cells.append(f"{100 * frac:.1f}" if frac is not None else "n/a")
+        else:
+            cells.append(f"{row['cpu_s_per_step']:.2f}")
         ratio = ratios.get(row["impl"], {}).get("throughput")
         cells += [f"{row['first_loss']:.5f}", f"{ratio:.2f}" if ratio else "—"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -489,6 +510,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds per implementation run")
     p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument("--in-process", action="store_true",
+                   help="no subprocesses (quick checks; peak-memory readings then mix)")
 
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
@@ -507,7 +530,8 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--iters must be at least 1")
     load_config(None, spec.config_overrides())  # fail early, naming a bad key
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
-    report = run_bench(spec, tuple(args.impl), args.rounds, args.peak_tflops, args.timeout, log)
+    report = run_bench(spec, tuple(args.impl), args.rounds, args.peak_tflops, args.timeout, log,
+                       in_process=args.in_process)
     print(describe(spec))
     print(format_table(report))
     if args.json:
