@@ -199,3 +199,11 @@ def test_pretrain_reads_shards(tmp_path, tiny_overrides):
     ]
     run = pretrain(load_config(None, over), tmp_path / "run")
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_train_and_test_split_folders(tmp_path):
+    images = make_folder(tmp_path / "images")
+    S.write_shards(images, str(tmp_path / "sh" / "train" / "s-%03d.tar"), max_count=10)
+    S.write_shards(images, str(tmp_path / "sh" / "test" / "s-%03d.tar"), max_count=3)
+    assert len(S.ShardDataset(tmp_path / "sh", "train").shards) == 1
+    assert len(S.ShardDataset(tmp_path / "sh", "val").shards) == 3  # val = test
