@@ -15,8 +15,8 @@ allocator caches do not mix.
 * **Peak memory.** CUDA: ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps
   (absolute: weights + gradients + optimizer state + activations). CPU: the high-water mark of
   the resident set (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``
-  after set-up) minus the resident set after set-up — what the steps add on top of weights and
-  inputs: gradients, optimizer state, activations, allocator slack. Both are in the JSON.
+  after set-up and ``malloc_trim``) minus the resident set after set-up — what the steps add on
+  top of weights and inputs: gradients, optimizer state, activations, allocator slack.
   Because allocator readings are noisy, the table also gives **saved activations**: the bytes of
   the distinct tensors autograd keeps for backward (:class:`SavedTensorMeter`), which are exact.
 * **FLOPs** are counted by :class:`torch.utils.flop_counter.FlopCounterMode` over one eager
@@ -194,6 +194,18 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so the resident set is live memory only."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the reading keeps some allocator slack
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
     try:
@@ -328,6 +340,7 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         mem_base = torch.cuda.memory_allocated(device)
+    _release_free_memory()  # else the FLOP pass's freed gradients hide in the baseline
     rss_base = _proc_status_kib("VmRSS")
     peak_reset = _reset_peak_rss()
 
@@ -544,7 +557,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation happens here)")
     p.add_argument("--iters", type=int, default=5, help="timed steps")
     p.add_argument("--rounds", type=int, default=1, help="alternate implementations this often; keep the best")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: all cores); on a shared machine use 1 and "
+                        "compare 'CPU s/step', which busy neighbours barely change")
     p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     p.add_argument("--peak-tflops", type=float, default=None, help="chip peak for the %% column")
     p.add_argument("--seed", type=int, default=0)
