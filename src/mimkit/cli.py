@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=float, nargs="+", default=None)
     p.set_defaults(func=cmd_visualize)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    from mimkit.eval.consistency import add_consistency_args, run_consistency_cli
+
+    p = eval_sub.add_parser("consistency", help="disagreement of predictions across random masks")
+    add_consistency_args(p)
+    p.set_defaults(func=run_consistency_cli)
+
     p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
