@@ -102,7 +102,7 @@ def test_one_way_without_contrastive_is_mae(make_model, batch):
     b["loss"].backward()
     torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
     torch.testing.assert_close(b["pred"], a["pred"], rtol=0, atol=1e-6)
-    for (name, pa), pb in zip(mae.model.named_parameters(), mixed.model.parameters(), strict=False):
+    for (name, pa), pb in zip(mae.model.named_parameters(), mixed.model.parameters(), strict=True):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-6, msg=name)
 

@@ -65,7 +65,7 @@ def test_zero_weight_is_mae(make_model, batch):
     a["loss"].backward()
     b["loss"].backward()
     torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
-    for (name, pa), pb in zip(mae.model.named_parameters(), rc.model.parameters(), strict=False):
+    for (name, pa), pb in zip(mae.model.named_parameters(), rc.model.parameters(), strict=True):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-6, msg=name)
 

@@ -46,7 +46,7 @@ def self_consistency(preds: list[torch.Tensor], masks: list[torch.Tensor], dista
     if target not in SC_TARGETS:
         raise ValueError(f"emae.sc_target: unknown '{target}'; choose from {', '.join(SC_TARGETS)}")
     values, valid = [], []
-    for i, (pred_i, mask_i) in enumerate(zip(preds, masks, strict=False)):
+    for i, (pred_i, mask_i) in enumerate(zip(preds, masks, strict=True)):
         others = [j for j in range(len(preds)) if j != i]
         if target == "other":
             for j in others:
@@ -127,7 +127,8 @@ class EMAE(nn.Module):
             preds = list(self._predict(tokens.repeat(self.num_parts, 1, 1), stacked).split(batch))
         target = self.model.target(imgs)
         # Reconstruction: the MAE loss of each part, averaged over parts (METHODS §2).
-        loss_rec = torch.stack([masked_mean((p - target) ** 2, m.mask) for p, m in zip(preds, parts, strict=False)]).mean()
+        per_part = [masked_mean((p - target) ** 2, m.mask) for p, m in zip(preds, parts, strict=True)]
+        loss_rec = torch.stack(per_part).mean()
         loss_sc = self_consistency(preds, [m.mask for m in parts], self.sc_distance, self.sc_target)
         loss = loss_rec + self.sc_lambda(progress) * loss_sc
         rows = torch.arange(batch, device=imgs.device).repeat(self.num_parts)
