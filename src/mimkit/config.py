@@ -97,9 +97,9 @@ class TeacherConfig:
 
 @dataclass
 class MixedAEConfig:
-    ways: int = 0  # r images mixed per sample; 0: 1/(1-mask_ratio)
+    ways: int = 0  # r images mixed per sample (<= K); 0: K = 1/(1-mask_ratio)
     attn_blocks: list[int] | None = None  # encoder blocks with homologous attention; None: all
-    topk: int = 0  # keys kept per query; 0: L/r
+    topk: int = 0  # patch keys kept per query (+ cls); 0: L/K, the patches of one source
     oracle: bool = False
     hc_weight: float = 0.5
     hc_temperature: float = 0.2

@@ -83,7 +83,7 @@ def homologous_accuracy(keep: torch.Tensor, source: torch.Tensor) -> torch.Tenso
 
 # --- homologous contrastive ------------------------------------------------------------------
 def homologous_contrastive(z: torch.Tensor, source: torch.Tensor, temperature: float = 0.2,
-                           prototype: bool = False) -> torch.Tensor:
+                           prototype: bool = False, num_sources: int | None = None) -> torch.Tensor:
     """Supervised-contrastive InfoNCE within each mixed sample (METHODS §4 [choice]).
 
     ``z`` (G, N, d) are ℓ2-normalised patch embeddings, ``source`` (N,) their source slot.
@@ -91,8 +91,8 @@ def homologous_contrastive(z: torch.Tensor, source: torch.Tensor, temperature: f
     negatives (SupCon, mean log-probability over positives). ``prototype``: each patch is
     classified against the per-source mean embeddings (ℓ2-normalised) of its sample.
     """
-    num_sources = int(source.max()) + 1
     if prototype:
+        num_sources = num_sources or int(source.max()) + 1
         onehot = F.one_hot(source, num_sources).to(z.dtype)  # (N, r)
         protos = F.normalize(torch.einsum("gnd,nr->grd", z, onehot), dim=-1)
         logits = z @ protos.transpose(1, 2) / temperature  # (G, N, r)
@@ -234,7 +234,7 @@ class MixedAE(nn.Module):
         loss_rec = self.model.forward_loss(imgs, pred, masks.mask)
 
         z = F.normalize(self.hc_head(latent_mixed[:, 1:]), dim=-1)
-        loss_hc = homologous_contrastive(z, source, self.hc_temperature, self.hc_prototype)
+        loss_hc = homologous_contrastive(z, source, self.hc_temperature, self.hc_prototype, self.ways)
         out = {"loss": loss_rec + self.hc_weight * loss_hc, "loss_rec": loss_rec, "loss_hc": loss_hc,
                "pred": pred, "mask": masks.mask, "preds": pred, "masks": masks,
                "rows": torch.arange(imgs.shape[0], device=imgs.device)}
