@@ -47,6 +47,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_make_shards(args: argparse.Namespace) -> None:
+    from mimkit.data.shards import write_shards
+
+    try:
+        out = write_shards(args.images, args.out, args.max_count, args.max_size, args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mimkit: error: {e}") from None
+    print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mimkit.bench import main_from_args
+
+    main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-shards", help="write an image folder to WebDataset-style tar shards")
+    p.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
+    p.add_argument("--out", required=True, help="shard name pattern, e.g. shards/shard-%%06d.tar")
+    p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    p.add_argument("--max-size", type=int, default=None, help="bytes per shard at most (about)")
+    p.add_argument("--split", default="train", help="train | test, for folders with train/ and test/")
+    p.set_defaults(func=cmd_make_shards)
+
+    from mimkit.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="time pre-training steps against transformers and lightly")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
