@@ -29,7 +29,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.viz import load_images, save_reconstruction_grid
 
     model = mimkit.load_model(args.checkpoint)
-    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats)
+    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats, model.in_chans)
     imgs = load_images(args.images, model, mean, std, limit=args.num)
     import torch
 
@@ -45,6 +45,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     report = run_demo(args.out, args.overrides)
     print(f"report: {report}")
+
+
+def cmd_make_shards(args: argparse.Namespace) -> None:
+    from mimkit.data.shards import write_shards
+
+    try:
+        out = write_shards(args.images, args.out, args.max_count, args.max_size, args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mimkit: error: {e}") from None
+    print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mimkit.bench import main_from_args
+
+    main_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,12 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-shards", help="write an image folder to WebDataset-style tar shards")
+    p.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
+    p.add_argument("--out", required=True, help="shard name pattern, e.g. shards/shard-%%06d.tar")
+    p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    p.add_argument("--max-size", type=int, default=None, help="bytes per shard at most (about)")
+    p.add_argument("--split", default="train", help="train | test, for folders with train/ and test/")
+    p.set_defaults(func=cmd_make_shards)
+
+    from mimkit.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="time pre-training steps against transformers and lightly")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from mimkit.config import ConfigError
     from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.trainer import Preempted
 
     args = build_parser().parse_args(argv)
     try:
@@ -93,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"mimkit: {e}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("mimkit: interrupted; resume with --resume", file=sys.stderr)
         return 130

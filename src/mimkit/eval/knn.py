@@ -51,11 +51,9 @@ def eval_dataset(cfg, split: str, max_samples: int = 0, seed: int = 0):
     """The labelled split with the deterministic evaluation transform (optionally subsampled)."""
     from torch.utils.data import Subset
 
-    from mimkit.data import build_dataset, dataset_stats, eval_transform
+    from mimkit.data import build_dataset, eval_transform, stats_for
 
-    mean, std = cfg.data.mean, cfg.data.std
-    if mean is None or std is None:
-        mean, std = dataset_stats(cfg.data.name)
+    mean, std = stats_for(cfg)
     tf = eval_transform(cfg.model.img_size, mean, std, cfg.model.in_chans)
     ds = build_dataset(cfg.data.name, cfg.data.root, split, tf, on_corrupt=cfg.data.on_corrupt,
                        synthetic_size=cfg.data.synthetic_size, img_size=cfg.model.img_size,
