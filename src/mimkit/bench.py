@@ -1,8 +1,8 @@
 """``mimkit bench``: time pre-training steps of mimkit beside transformers' and lightly's MAE.
 
 One *step* is what the trainer does per batch: forward (masking from the given noise, encoder,
-decoder, norm-pix loss), backward, AdamW step (betas 0.9/0.95, weight decay 0.05 except 1-D
-parameters and biases; fused on CUDA, foreach on CPU), ``zero_grad``. Data loading is not
+decoder, norm-pix loss), backward, AdamW step (the trainer's: betas 0.9/0.95, weight decay 0.05
+except 1-D parameters and biases, fused kernels on CUDA and CPU), ``zero_grad``. Data loading is not
 timed: every implementation gets the same pre-made batch and masking noise, already on the
 device.
 
@@ -17,6 +17,8 @@ allocator caches do not mix.
   the resident set (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``
   after set-up) minus the resident set after set-up — what the steps add on top of weights and
   inputs: gradients, optimizer state, activations, allocator slack. Both are in the JSON.
+  Because allocator readings are noisy, the table also gives **saved activations**: the bytes of
+  the distinct tensors autograd keeps for backward (:class:`SavedTensorMeter`), which are exact.
 * **FLOPs** are counted by :class:`torch.utils.flop_counter.FlopCounterMode` over one eager
   forward + backward of each implementation (matrix products, convolutions, attention;
   element-wise work is not counted). Equal counts show that the implementations do the same
@@ -224,6 +226,40 @@ def flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping=extra)
 
 
+class SavedTensorMeter:
+    """Bytes of the distinct storages autograd keeps for backward (activation memory).
+
+    Parameters, buffers and inputs are not counted. Allocator-independent, so it compares
+    implementations exactly where resident-set readings are noisy. Use as a context manager
+    around a forward pass.
+    """
+
+    def __init__(self, exclude) -> None:
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self._sizes: dict[int, int] = {}
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        # saved tensors stay alive until backward, so their storages cannot be reused meanwhile
+        if storage.data_ptr() not in self._skip:
+            self._sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedTensorMeter:
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+
 def gpu_peak_tflops(name: str) -> float | None:
     """Dense bf16 peak of a GPU from its name (longest matching key), or None if unknown."""
     hits = [k for k in PEAK_TFLOPS if k in name]
@@ -241,6 +277,8 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
     import torch
     from timm.optim import param_groups_weight_decay
 
+    from mimkit.engine.trainer import adamw_kernel
+
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is available")
@@ -255,9 +293,8 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
     num_patches = (spec.img_size // _patch_size(spec)) ** 2
     imgs = torch.randn(spec.batch_size, spec.in_chans, spec.img_size, spec.img_size, generator=g).to(device)
     noise = torch.rand(spec.batch_size, num_patches, generator=g).to(device)
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(module, 0.05), lr=1e-4, betas=(0.9, 0.95),
-        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+    optimizer = torch.optim.AdamW(  # the trainer's optimizer, for every implementation
+        param_groups_weight_decay(module, 0.05), lr=1e-4, betas=(0.9, 0.95), **adamw_kernel(device)
     )
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.dtype == "bf16" else nullcontext()
@@ -277,9 +314,10 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
         built.after_step()
         return loss.detach()
 
-    # FLOPs of one eager forward + backward (untimed; its gradients are dropped).
+    # FLOPs and saved activations of one eager forward + backward (untimed; gradients dropped).
+    meter = SavedTensorMeter([*module.parameters(), *module.buffers(), imgs, noise])
     with flop_counter() as counter:
-        with autocast:
+        with autocast, meter:
             loss = built.call(module, imgs, noise)
         loss.backward()
     optimizer.zero_grad(set_to_none=True)
@@ -340,6 +378,7 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
         ms_per_step=median * 1e3, ms_per_step_mean=total_s / spec.iters * 1e3, ms_per_step_min=min(times) * 1e3,
         images_per_s=spec.batch_size / median, step_times_ms=[t * 1e3 for t in times],
         flops_per_step=flops, achieved_tflops=flops / median / 1e12, first_loss=first_loss,
+        saved_activations_mib=meter.bytes / 2**20,
         last_loss=float(losses[-1]), setup_s=setup_s, warmup_s=warmup_s, threads=threads,
     )
     return row
@@ -449,7 +488,7 @@ def format_table(report: dict[str, Any]) -> str:
     spec = report["spec"]
     cuda = spec["device"] == "cuda"
     mem_head = "peak mem MiB" if cuda else "peak RSS Δ MiB"
-    head = ["impl", "ms/step", "images/s", mem_head, "GFLOP/step", "TFLOP/s"]
+    head = ["impl", "ms/step", "images/s", mem_head, "saved act. MiB", "GFLOP/step", "TFLOP/s"]
     head.append("% of peak" if cuda else "CPU s/step")
     head += ["first loss", "mimkit ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -457,13 +496,14 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["results"]:
         mem = row.get("peak_mem_mib")
         cells = [row["impl"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:.2f}",
-                 f"{mem:.0f}" if mem is not None else "n/a", f"{row['flops_per_step'] / 1e9:.1f}",
+                 f"{mem:.0f}" if mem is not None else "n/a", f"{row['saved_activations_mib']:.1f}",
+                 f"{row['flops_per_step'] / 1e9:.1f}",
                  f"{row['achieved_tflops']:.3f}"]
         if cuda:
             frac = row.get("fraction_of_peak")
             cells.append(f"{100 * frac:.1f}" if frac is not None else "n/a")
         else:
-            cells.append(f"{row['cpu_s_per_step']:.2f}")
+            cells.append(f"{row['cpu_s_per_step']:.3f}")
         ratio = ratios.get(row["impl"], {}).get("throughput")
         cells += [f"{row['first_loss']:.5f}", f"{ratio:.2f}" if ratio else "—"]
         lines.append("| " + " | ".join(cells) + " |")

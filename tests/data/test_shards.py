@@ -185,3 +185,25 @@ def test_make_shards_cli(tmp_path, capsys):
     assert len(build_dataset("shards", str(tmp_path / "out"), "train")) == 7
     with pytest.raises(SystemExit, match="%d-style"):
         main(["make-shards", "--images", str(images), "--out", str(tmp_path / "x.tar")])
+
+
+def test_pretrain_reads_shards(tmp_path, tiny_overrides):
+    from mimkit.config import load_config
+    from mimkit.engine.logging import read_metrics
+    from mimkit.engine.trainer import pretrain
+
+    _, out = shard_dir(tmp_path, max_count=4)
+    over = [o for o in tiny_overrides if not o.startswith("data.")] + [
+        "data.name=shards", f"data.root={out}", "data.num_workers=0", "train.batch_size=2",
+        "train.max_steps=2", "model.img_size=16",
+    ]
+    run = pretrain(load_config(None, over), tmp_path / "run")
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_train_and_test_split_folders(tmp_path):
+    images = make_folder(tmp_path / "images")
+    S.write_shards(images, str(tmp_path / "sh" / "train" / "s-%03d.tar"), max_count=10)
+    S.write_shards(images, str(tmp_path / "sh" / "test" / "s-%03d.tar"), max_count=3)
+    assert len(S.ShardDataset(tmp_path / "sh", "train").shards) == 1
+    assert len(S.ShardDataset(tmp_path / "sh", "val").shards) == 3  # val = test

@@ -103,14 +103,10 @@ def resolve_shards(root: str | os.PathLike | Sequence[str], split: str = "train"
 
 
 def _split_dir(root: Path, split: str) -> Path:
-    if not (root / "train").is_dir():
-        return root
-    if split == "train":
-        return root / "train"
-    for name in ("test", "val"):
-        if (root / name).is_dir():
-            return root / name
-    raise FileNotFoundError(f"{root} has a train/ folder but no test/ or val/ folder")
+    """``root/train`` or ``root/test`` (``val``) when present, as for image folders."""
+    from mimkit.data.datasets import ImageFolderDataset, _check_split
+
+    return ImageFolderDataset._split_dir(root, _check_split(split))
 
 
 def split_member_name(name: str) -> tuple[str, str]:

