@@ -5,36 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_encoder", "load_model"]
 
 
 def load_model(path: str | Path, weights: str = "auto", **overrides):
-    """Load an MAE from a mimkit checkpoint or an official ``{'model': state_dict}`` file.
+    """Load an MAE from a mimkit checkpoint, an official ``{'model': state_dict}`` file, a
+    safetensors export or a Hugging Face ViTMAE folder.
 
-    The architecture comes from the file (mimkit) or from tensor shapes (official; heads
-    ``D/64`` unless ``num_heads=`` is given). ``weights``: ``auto`` (the method's evaluation
-    weights, e.g. RC-MAE's teacher), ``student`` or ``teacher``. Keyword overrides
+    The architecture comes from the file (mimkit, exports, ``config.json``) or from tensor shapes
+    (official; heads ``D/64`` unless ``num_heads=`` is given). ``weights``: ``auto`` (the method's
+    evaluation weights, e.g. RC-MAE's teacher), ``student`` or ``teacher``. Keyword overrides
     (``img_size``, ``num_heads``, ``norm_pix_loss``, ...) change the built model; a new
     ``img_size`` resizes the position tables. Returns the model in eval mode.
     """
-    from mimkit.engine.checkpoint import load_file
-    from mimkit.interop.official import model_from_state
+    from mimkit.interop.convert import build_mae, read_weights
 
-    ckpt = load_file(path)
-    if ckpt.get("format", "").startswith("mimkit"):
-        key = "model"
-        if weights == "student" and "student" in ckpt:
-            key = "student"
-        elif weights == "teacher":
-            if "teacher" not in ckpt:
-                raise ValueError(f"{path} has no teacher weights")
-            key = "teacher"
-        arch = dict(ckpt["arch"])
-        norm_pix = overrides.pop("norm_pix_loss", ckpt.get("norm_pix_loss", True))
-        model = model_from_state(ckpt[key], arch, norm_pix_loss=norm_pix, **overrides)
-    elif "model" in ckpt and isinstance(ckpt["model"], dict):
-        norm_pix = overrides.pop("norm_pix_loss", True)
-        model = model_from_state(ckpt["model"], None, norm_pix_loss=norm_pix, **overrides)
-    else:
-        raise ValueError(f"{path}: not a mimkit or official MAE checkpoint (keys: {sorted(ckpt)[:8]})")
-    return model.eval()
+    return build_mae(read_weights(path, weights), **overrides).eval()
+
+
+def load_encoder(path: str | Path, weights: str = "auto", **overrides):
+    """The encoder of any file :func:`load_model` reads, as a ``timm`` ``VisionTransformer``.
+
+    Defaults follow MAE fine-tuning (METHODS §1): ``global_pool='avg'`` with a fresh ``fc_norm``
+    (the pre-trained per-token ``norm`` is dropped, as in the official code) and
+    ``num_classes=0``; a head (``num_classes=N``) is initialised trunc-normal(std 2e-5).
+    ``global_pool='token'`` keeps ``norm`` and gives exactly the MAE encoder's features.
+    Other keyword arguments go to ``VisionTransformer`` (``drop_path_rate``, ``img_size``, ...);
+    ``num_heads`` overrides the inferred head count. Returns the model in eval mode.
+    """
+    from mimkit.interop.convert import read_weights
+    from mimkit.interop.timm import to_timm_vit
+
+    w = read_weights(path, weights)
+    arch = dict(w.arch)
+    if "num_heads" in overrides:
+        arch["num_heads"] = overrides.pop("num_heads")
+    overrides.setdefault("global_pool", "avg")
+    return to_timm_vit(w.state, arch, **overrides).eval()

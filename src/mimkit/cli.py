@@ -29,7 +29,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.viz import load_images, save_reconstruction_grid
 
     model = mimkit.load_model(args.checkpoint)
-    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats)
+    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats, model.in_chans)
     imgs = load_images(args.images, model, mean, std, limit=args.num)
     import torch
 
@@ -38,6 +38,31 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     path = save_reconstruction_grid(model, imgs, args.out, mean, std, noise=noise,
                                     upscale=max(1, 128 // model.img_size[0]))
     print(f"wrote {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mimkit.eval.run import evaluate
+
+    record, path = evaluate(args.protocol, args.checkpoint, args.config, args.out, args.from_scratch,
+                            args.overrides, args.weights)
+    print(f"{record['metric']} = {100 * record['value']:.2f}%  ({record['timings']['wall_s']:.0f} s) -> {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mimkit.config import ConfigError
+    from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.interop.convert import export
+
+    try:
+        info = export(args.checkpoint, args.format, args.out, args.encoder_only, args.weights)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise ConfigError(str(e)) from None
+    print(f"wrote {info['out']} ({info['format']}, {info['weights']} weights from a {info['source']} file)")
+    if "create_model" in info:
+        print(f"load it with: model = {info['create_model']}")
+        print("             model.load_state_dict(safetensors.torch.load_file(PATH), strict=True)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -84,6 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=float, nargs="+", default=None)
     p.set_defaults(func=cmd_visualize)
 
+    p = sub.add_parser("eval", help="evaluate an encoder: k-NN, linear probe or fine-tuning")
+    protocols = p.add_subparsers(dest="protocol", required=True)
+    for name, text in (("knn", "weighted cosine k-NN on frozen features"),
+                       ("linprobe", "linear probe on frozen features (MAE protocol)"),
+                       ("finetune", "end-to-end fine-tuning (MAE protocol)")):
+        q = protocols.add_parser(name, help=text)
+        q.add_argument("--checkpoint", default=None,
+                       help="mimkit checkpoint, official MAE file, safetensors/timm export or HF folder")
+        q.add_argument("--config", default=None,
+                       help="preset or YAML file (default: the mimkit checkpoint's saved config)")
+        q.add_argument("--out", default=None,
+                       help="folder for eval_<protocol>.json (default: the checkpoint's folder)")
+        q.add_argument("--from-scratch", action="store_true", help="same recipe from a random initialisation")
+        q.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
+        q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
+        q.set_defaults(func=cmd_eval)
+
+    from mimkit.eval.consistency import add_consistency_args, run_consistency_cli
+
+    q = protocols.add_parser("consistency", help="disagreement of predictions across random masks")
+    add_consistency_args(q)
+    q.set_defaults(func=run_consistency_cli)
+
+    p = sub.add_parser("export", help="convert a checkpoint to timm, official MAE, HF or safetensors")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, choices=["timm", "mae", "hf", "safetensors"])
+    p.add_argument("--out", required=True, help="output file (a folder for --format hf)")
+    p.add_argument("--encoder-only", action="store_true", help="drop the decoder (mae, safetensors)")
+    p.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"],
+                   help="RC-MAE-style checkpoints: auto = the evaluation weights (the teacher)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
@@ -108,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mimkit.config import ConfigError
     from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.trainer import Preempted
 
     args = build_parser().parse_args(argv)
     try:
@@ -115,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"mimkit: {e}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("mimkit: interrupted; resume with --resume", file=sys.stderr)
         return 130

@@ -79,7 +79,7 @@ class TrainConfig:
 class EMAEConfig:
     num_parts: int = 0  # parts run per step; 0: all K = 1/(1-mask_ratio)
     sc_weight: float = 1.0  # λ of the self-consistency loss
-    sc_warmup_epochs: float = 0.0
+    sc_warmup: float = 0.0  # fraction of training over which λ rises linearly from 0 (0: off)
     sc_distance: str = "mse"  # mse | l1 | smooth_l1
     sc_target: str = "other"  # other | mean
     sequential: bool = False  # run parts one after another to save memory
@@ -97,9 +97,9 @@ class TeacherConfig:
 
 @dataclass
 class MixedAEConfig:
-    ways: int = 0  # r images mixed per sample; 0: 1/(1-mask_ratio)
+    ways: int = 0  # r images mixed per sample (<= K); 0: K = 1/(1-mask_ratio)
     attn_blocks: list[int] | None = None  # encoder blocks with homologous attention; None: all
-    topk: int = 0  # keys kept per query; 0: L/r
+    topk: int = 0  # patch keys kept per query (+ cls); 0: L/K, the patches of one source
     oracle: bool = False
     hc_weight: float = 0.5
     hc_temperature: float = 0.2
@@ -109,12 +109,67 @@ class MixedAEConfig:
 
 
 @dataclass
+class LinprobeConfig:
+    """Linear probe (MAE protocol, METHODS §1); defaults suit small data sets on a CPU."""
+
+    epochs: int = 90
+    batch_size: int = 256  # per step; the effective batch is batch_size * accum_iter
+    accum_iter: int = 1
+    blr: float = 0.1  # lr = blr * effective batch / 256
+    lr: float | None = None  # absolute lr; None: from blr
+    min_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    optimizer: str = "sgd"  # sgd (small data) | lars (the MAE recipe, large batches)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    feature: str = "cls"  # cls (token after the final norm, MAE) | mean | both
+    cached_features: bool = True  # extract once without augmentation; train the head on tensors
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # uncached only
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (MAE protocol, METHODS §1); defaults suit small images on a CPU."""
+
+    epochs: int = 50
+    max_steps: int | None = None  # total optimizer steps; replaces epochs when set
+    batch_size: int = 128  # per step; the effective batch is batch_size * accum_iter
+    accum_iter: int = 1
+    blr: float = 1.0e-3  # lr = blr * effective batch / 256
+    lr: float | None = None
+    min_lr: float = 1.0e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    mixup: float = 0.0  # alpha; 0 disables
+    cutmix: float = 0.0  # alpha; 0 disables
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"  # batch | pair | elem
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1; None: off (small images)
+    color_jitter: float | None = None
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"
+    recount: int = 1
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    hflip: float = 0.5
+    global_pool: str = "avg"  # avg (+ fc_norm, MAE) | token
+    clip_grad: float | None = None
+    eval_every: int = 0  # epochs between test evaluations (0: only at the end)
+
+
+@dataclass
 class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
-    feature: str = "cls"  # cls | mean | both
-    batch_size: int = 256
-    max_train_samples: int = 0  # 0: all
+    feature: str = "cls"  # k-NN features: cls | mean | both
+    batch_size: int = 256  # feature extraction
+    max_train_samples: int = 0  # k-NN bank cap; 0: all
+    monitor_samples: int = 10000  # online k-NN monitor: cap on bank and queries (0: all)
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -336,3 +391,69 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.label_fraction: must be in (0, 1], got {cfg.data.label_fraction}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: expected two values, got {t.betas}")
+    _validate_methods(cfg)
+    _validate_eval(cfg.eval)
+
+
+def _validate_methods(cfg: Config) -> None:
+    """Method options; shapes that depend on the model (K dividing L, top-k) are checked when
+    the objective is built (:func:`mimkit.objectives.build_objective`)."""
+    e, te, mx = cfg.emae, cfg.teacher, cfg.mixedae
+    if e.num_parts < 0:
+        raise ConfigError(f"emae.num_parts: must be >= 0 (0: all parts), got {e.num_parts}")
+    if e.sc_weight < 0:
+        raise ConfigError(f"emae.sc_weight: must be >= 0, got {e.sc_weight}")
+    if not 0.0 <= e.sc_warmup <= 1.0:
+        raise ConfigError(f"emae.sc_warmup: a fraction of training in [0, 1], got {e.sc_warmup}")
+    if te.weight < 0:
+        raise ConfigError(f"teacher.weight: must be >= 0, got {te.weight}")
+    for key, value in (("teacher.momentum", te.momentum), ("teacher.momentum_end", te.momentum_end)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if mx.ways < 0:
+        raise ConfigError(f"mixedae.ways: must be >= 0 (0: 1/(1-mask_ratio)), got {mx.ways}")
+    if mx.topk < 0:
+        raise ConfigError(f"mixedae.topk: must be >= 0 (0: patches per source), got {mx.topk}")
+    if mx.hc_weight < 0:
+        raise ConfigError(f"mixedae.hc_weight: must be >= 0, got {mx.hc_weight}")
+    if mx.hc_temperature <= 0:
+        raise ConfigError(f"mixedae.hc_temperature: must be > 0, got {mx.hc_temperature}")
+    if mx.hc_proj_dim < 1:
+        raise ConfigError(f"mixedae.hc_proj_dim: must be >= 1, got {mx.hc_proj_dim}")
+    if {"emae", "mixedae"} <= method_parts(cfg.method):
+        raise ConfigError(
+            f"method: '{cfg.method}' combines two uses of the K-part partition (EMAE's parts and "
+            "MixedAE's sources); combine either with rcmae instead"
+        )
+
+
+EVAL_CHOICES = {
+    "eval.linprobe.optimizer": ("sgd", "lars"),
+    "eval.linprobe.feature": ("cls", "mean", "both"),
+    "eval.finetune.mixup_mode": ("batch", "pair", "elem"),
+    "eval.finetune.remode": ("pixel", "rand", "const"),
+    "eval.finetune.global_pool": ("avg", "token"),
+}
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    for key, allowed in EVAL_CHOICES.items():
+        _, section, name = key.split(".")
+        value = getattr(getattr(e, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    positive = {"eval.batch_size": e.batch_size, "eval.knn_k": e.knn_k,
+                "eval.linprobe.epochs": e.linprobe.epochs, "eval.linprobe.batch_size": e.linprobe.batch_size,
+                "eval.finetune.epochs": e.finetune.epochs, "eval.finetune.batch_size": e.finetune.batch_size,
+                "eval.linprobe.accum_iter": e.linprobe.accum_iter, "eval.finetune.accum_iter": e.finetune.accum_iter}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if e.finetune.max_steps is not None and e.finetune.max_steps < 1:
+        raise ConfigError(f"eval.finetune.max_steps: must be >= 1, got {e.finetune.max_steps}")
+    if not 0.0 < e.finetune.layer_decay <= 1.0:
+        raise ConfigError(f"eval.finetune.layer_decay: must be in (0, 1], got {e.finetune.layer_decay}")
+    for key, scale in (("eval.linprobe.crop_scale", e.linprobe.crop_scale),
+                       ("eval.finetune.crop_scale", e.finetune.crop_scale)):
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ConfigError(f"{key}: expected [low, high] with 0 < low <= high <= 1, got {scale}")

@@ -12,8 +12,9 @@ import torch
 
 from mimkit.config import load_config, save_config
 from mimkit.engine.checkpoint import list_checkpoints
+from mimkit.engine.distributed import pick_device
 from mimkit.engine.logging import read_metrics, setup_logging
-from mimkit.engine.trainer import pick_device, pretrain
+from mimkit.engine.trainer import pretrain
 
 log = logging.getLogger("mimkit")
 
@@ -40,7 +41,7 @@ def plot_loss(run_dir: Path, path: Path) -> Path:
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -> Path:
     """Pre-train ``fmnist_tiny`` into ``out`` (resuming if it was interrupted), evaluate, report."""
     import mimkit
-    from mimkit.data import dataset_stats
+    from mimkit.data import stats_for
     from mimkit.eval.knn import eval_dataset, run_knn
     from mimkit.models import model_from_config
     from mimkit.viz import save_reconstruction_grid
@@ -68,7 +69,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
                "pretrain_seconds": train_time, "eval_seconds": eval_time}
     (out / "eval_knn.json").write_text(json.dumps(results, indent=2))
 
-    mean, std = dataset_stats(cfg.data.name)
+    mean, std = stats_for(cfg)
     test = eval_dataset(cfg, "test")
     imgs = torch.stack([test[i][0] for i in range(8)])
     noise = torch.rand(8, model.num_patches, generator=torch.Generator().manual_seed(0))

@@ -35,3 +35,10 @@ __all__ = [
     "read_idx",
     "write_shards",
 ]
+
+
+def stats_for(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization of a run: ``data.mean``/``data.std`` if set, else the data set's usual one."""
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return tuple(cfg.data.mean), tuple(cfg.data.std)
+    return dataset_stats(cfg.data.name, cfg.model.in_chans)

@@ -1,4 +1,9 @@
-"""Weighted cosine k-NN on frozen features (k=20, T=0.07 by default; METHODS §1)."""
+"""Weighted cosine k-NN on frozen features (k=20, T=0.07 by default; METHODS §1).
+
+``encoder`` is anything with ``forward_features(imgs) -> (B, 1+L, D)`` tokens after the final
+norm: a :class:`~mimkit.models.mae.MaskedAutoencoderViT`, or a timm ``VisionTransformer`` with
+``global_pool='token'`` (which gives the same tokens).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,37 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mimkit.eval.common import autocast_context, labelled_dataset, pool_tokens
+
 
 @torch.no_grad()
 def extract_features(encoder, loader: DataLoader, device: torch.device, feature: str = "cls",
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """ℓ2-normalised features and labels. ``feature``: cls | mean (of patch tokens) | both."""
+                     desc: str = "features", normalize: bool = True,
+                     autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32, on the CPU) and labels of every sample in ``loader``.
+
+    ``feature``: cls | mean | both. With ``normalize`` (k-NN) each part is ℓ2-normalised before
+    concatenation and the result again; without (linear probe) the raw pooled tokens are
+    returned. ``autocast``: an optional autocast context (bf16 on GPU).
+    """
+    from contextlib import nullcontext
+
     feats, labels = [], []
+    was_training = encoder.training
     encoder.eval()
     for imgs, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        tokens = encoder.forward_features(imgs.to(device, non_blocking=True)).float()
-        parts = {"cls": [tokens[:, 0]], "mean": [tokens[:, 1:].mean(1)],
-                 "both": [tokens[:, 0], tokens[:, 1:].mean(1)]}[feature]
-        f = torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
-        feats.append(F.normalize(f, dim=-1).cpu())
+        with autocast or nullcontext():
+            tokens = encoder.forward_features(imgs.to(device, non_blocking=True))
+        tokens = tokens.float()
+        if normalize:
+            parts = {"cls": [tokens[:, 0]], "mean": [tokens[:, 1:].mean(1)],
+                     "both": [tokens[:, 0], tokens[:, 1:].mean(1)]}[feature]
+            f = F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
+        else:
+            f = pool_tokens(tokens, feature)
+        feats.append(f.cpu())
         labels.append(torch.as_tensor(y))
+    encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -28,53 +50,75 @@ def extract_features(encoder, loader: DataLoader, device: torch.device, feature:
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
                  chunk: int = 1024) -> torch.Tensor:
-    """Predicted labels: votes ``exp(sim/T)`` of the k most similar bank entries, in chunks."""
+    """Predicted labels: votes ``exp(sim/T)`` of the k most similar bank entries.
+
+    Features must be ℓ2-normalised (cosine similarity = dot product). Queries are processed in
+    chunks of ``chunk`` so memory is ``chunk × bank`` whatever the number of queries.
+    """
     num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, train_feats.shape[0])
+    train_feats = train_feats.to(test_feats.device)
+    train_labels = train_labels.to(test_feats.device)
     preds = []
     for i in range(0, test_feats.shape[0], chunk):
         sim = test_feats[i:i + chunk] @ train_feats.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         preds.append(votes.argmax(1))
     return torch.cat(preds)
 
 
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, **kwargs) -> float:
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, **kwargs) -> float:
+    """Top-1 accuracy of :func:`knn_classify` (keyword arguments are passed on)."""
     pred = knn_classify(train_feats, train_labels, test_feats, **kwargs)
-    return (pred == test_labels).float().mean().item()
+    return (pred.cpu() == test_labels.cpu()).float().mean().item()
 
 
-def eval_dataset(cfg, split: str, max_samples: int = 0, seed: int = 0):
-    """The labelled split with the deterministic evaluation transform (optionally subsampled)."""
-    from torch.utils.data import Subset
-
-    from mimkit.data import build_dataset, dataset_stats, eval_transform
-
-    mean, std = cfg.data.mean, cfg.data.std
-    if mean is None or std is None:
-        mean, std = dataset_stats(cfg.data.name)
-    tf = eval_transform(cfg.model.img_size, mean, std, cfg.model.in_chans)
-    ds = build_dataset(cfg.data.name, cfg.data.root, split, tf, on_corrupt=cfg.data.on_corrupt,
-                       synthetic_size=cfg.data.synthetic_size, img_size=cfg.model.img_size,
-                       in_chans=cfg.model.in_chans, seed=cfg.train.seed)
-    if max_samples and max_samples < len(ds):
-        g = torch.Generator().manual_seed(seed)
-        ds = Subset(ds, torch.randperm(len(ds), generator=g)[:max_samples].tolist())
-    return ds
+def eval_dataset(cfg, split: str, max_samples: int = 0, seed: int = 0, label_fraction: float = 1.0):
+    """The labelled ``split`` with the deterministic evaluation transform (optionally subsampled)."""
+    return labelled_dataset(cfg, split, None, label_fraction, max_samples, seed)
 
 
-def run_knn(encoder, cfg, device: torch.device, desc: str = "") -> dict:
-    """k-NN accuracy of ``encoder`` on cfg's data set: train split as bank, test split as queries."""
+def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples: int = 0) -> dict:
+    """k-NN accuracy of ``encoder`` on cfg's data set: the training split (``data.label_fraction``
+    class-balanced subset, capped by ``eval.max_train_samples``) is the bank, the test split the
+    queries."""
     e = cfg.eval
     kw = dict(batch_size=e.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
-    bank = DataLoader(eval_dataset(cfg, "train", e.max_train_samples, cfg.train.seed), **kw)
-    queries = DataLoader(eval_dataset(cfg, "test"), **kw)
+    bank = DataLoader(eval_dataset(cfg, "train", e.max_train_samples, cfg.train.seed,
+                                   cfg.data.label_fraction), **kw)
+    queries = DataLoader(eval_dataset(cfg, "test", max_test_samples, cfg.train.seed), **kw)
     encoder = encoder.to(device)
-    fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip())
-    fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} test".strip())
-    acc = knn_accuracy(fb, lb, fq, lq, k=e.knn_k, temperature=e.knn_temperature)
+    amp = autocast_context(cfg, device)
+    fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip(), autocast=amp)
+    fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} test".strip(), autocast=amp)
+    num_classes = int(max(lb.max(), lq.max())) + 1
+    acc = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k, temperature=e.knn_temperature,
+                       num_classes=num_classes)
     return {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
             "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
+
+
+def knn_monitor(objective_or_model, cfg, device: torch.device) -> float:
+    """Online k-NN top-1 for the pre-training loop (``train.knn_every``).
+
+    Takes the objective (its ``eval_model()`` is used, e.g. RC-MAE's teacher) or a model, caps
+    bank and queries at ``eval.monitor_samples`` (seeded subsets) so it stays cheap, restores the
+    module's train/eval mode, and returns the accuracy in [0, 1].
+    """
+    model = objective_or_model.eval_model() if hasattr(objective_or_model, "eval_model") else objective_or_model
+    was_training = model.training
+    cap = cfg.eval.monitor_samples
+    cap_cfg = cfg
+    if cap and (not cfg.eval.max_train_samples or cfg.eval.max_train_samples > cap):
+        import copy
+
+        cap_cfg = copy.deepcopy(cfg)
+        cap_cfg.eval.max_train_samples = cap
+    try:
+        return run_knn(model, cap_cfg, device, "knn monitor", max_test_samples=cap)["value"]
+    finally:
+        model.train(was_training)

@@ -142,6 +142,14 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.embed(imgs)
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)
+        return self.encode_tokens(x)
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend cls, run the blocks and the final norm on embedded (B, N, D) tokens.
+
+        Methods that build their own token sets (EMAE's stacked parts, which embed each image
+        once) call this so that the encoder stays defined in one place.
+        """
         x = self.add_cls(x)
         for blk in self.blocks:
             x = blk(x)

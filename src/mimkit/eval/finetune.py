@@ -1,0 +1,214 @@
+"""End-to-end fine-tuning, MAE protocol (METHODS §1), on timm's ``VisionTransformer``.
+
+The MAE encoder becomes ``VisionTransformer(global_pool='avg', fc_norm=True, class_token=True)``
+(:func:`mimkit.load_encoder`), head trunc-normal(std 2e-5). AdamW with layer-wise lr decay from
+``timm.optim.create_optimizer_v2(layer_decay=...)`` — timm's ViT ``group_matcher`` gives layer id
+0 to patch_embed/cls_token/pos_embed, i+1 to block i and depth+1 to fc_norm/head, scale
+``decay^(depth+1-id)`` as METHODS §1 — drop-path, label smoothing, timm ``Mixup``/CutMix,
+``timm.data.create_transform`` augmentation (RandAugment and random erasing where configured),
+warm-up + cosine per iteration, bf16 autocast on GPU.
+
+Small images (≤ 64 px): RandAugment is off by default (``eval.finetune.auto_augment: null``) —
+its geometric ops were tuned for 224 px ImageNet crops — and the random-resized-crop scale is
+``[0.35, 1]`` instead of ``[0.08, 1]``; mixup/cutmix are off by default for short CPU budgets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mimkit.engine.schedule import warmup_cosine
+from mimkit.eval.common import labelled_dataset, num_classes_of
+
+log = logging.getLogger("mimkit")
+
+
+def finetune_transforms(cfg) -> tuple:
+    """(training, evaluation) transforms: timm ``create_transform(is_training=True)`` with the
+    ``eval.finetune`` settings, and mimkit's deterministic evaluation transform."""
+    from torchvision import transforms as T
+
+    from mimkit.data import ConvertChannels, eval_transform, stats_for
+
+    f = cfg.eval.finetune
+    mean, std = stats_for(cfg)  # one value per model input channel
+    c = cfg.model.in_chans
+    train = create_transform(
+        input_size=(c, cfg.model.img_size, cfg.model.img_size), is_training=True,
+        scale=tuple(f.crop_scale), hflip=f.hflip, color_jitter=f.color_jitter,
+        auto_augment=f.auto_augment, interpolation="bicubic", mean=tuple(mean), std=tuple(std),
+        re_prob=f.reprob, re_mode=f.remode, re_count=f.recount,
+    )
+    _fix_posterize(train)
+    return T.Compose([ConvertChannels(c), train]), eval_transform(cfg.model.img_size, mean, std, c)
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize, with 0 bits meaning a black image (old Pillow) instead of an error:
+    Pillow ≥ 12 rejects ``bits=0``, which RandAugment ``inc1`` draws at magnitude 10."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform) -> None:
+    """Swap in :func:`_posterize` for the posterize ops of any timm RandAugment in ``transform``."""
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
+
+
+def build_classifier(cfg, num_classes: int, source=None, weights: str = "auto") -> nn.Module:
+    """The timm ViT to fine-tune, from ``source``: a path (any format ``mimkit.load_encoder``
+    reads), already-read :class:`~mimkit.interop.convert.Weights`, or ``None`` — from scratch: a
+    freshly initialised MAE of cfg's architecture (MAE init: sin-cos positions, xavier), seeded
+    by ``train.seed``."""
+    from mimkit.interop.convert import Weights, read_weights
+    from mimkit.interop.timm import to_timm_vit
+
+    f = cfg.eval.finetune
+    kw = dict(num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path,
+              img_size=cfg.model.img_size)
+    if source is None:
+        from mimkit.models import model_from_config
+
+        torch.manual_seed(cfg.train.seed)
+        mae = model_from_config(cfg)
+        return to_timm_vit(mae.state_dict(), mae.arch, **kw)
+    w = source if isinstance(source, Weights) else read_weights(source, weights)
+    return to_timm_vit(w.state, w.arch, **kw)
+
+
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay (each group carries ``lr_scale``) via timm."""
+    f = cfg.eval.finetune
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=f.weight_decay, layer_decay=f.layer_decay)
+
+
+def lr_scales(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, float]:
+    """Parameter name → lr scale of its group (for inspection and tests)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g.get("lr_scale", 1.0) for g in optimizer.param_groups for p in g["params"]}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, autocast=None) -> float:
+    """Top-1 accuracy of ``model`` on ``loader``."""
+    from contextlib import nullcontext
+
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for imgs, y in tqdm(loader, desc="test", leave=False, dynamic_ncols=True):
+        with autocast or nullcontext():
+            logits = model(imgs.to(device, non_blocking=True))
+        correct += int((logits.argmax(1).cpu() == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
+    """Fine-tune ``model`` (a timm ViT with a head) with ``eval.finetune`` on the
+    ``data.label_fraction`` subset of the training split; top-1 on the test split."""
+    from mimkit.engine.trainer import autocast_for
+
+    f = cfg.eval.finetune
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    train_tf, eval_tf = finetune_transforms(cfg)
+    train_ds = labelled_dataset(cfg, "train", train_tf, cfg.data.label_fraction)
+    test_ds = labelled_dataset(cfg, "test", eval_tf)
+    num_classes = model.num_classes or num_classes_of(train_ds)
+    mixup_on = f.mixup > 0 or f.cutmix > 0
+    batch = min(f.batch_size, len(train_ds))
+    if mixup_on and batch % 2:
+        batch -= 1  # timm Mixup (batch mode) needs an even batch
+    loader = DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.train.seed),
+                        persistent_workers=cfg.data.num_workers > 0)
+    test_loader = DataLoader(test_ds, batch_size=cfg.eval.batch_size, shuffle=False,
+                             num_workers=cfg.data.num_workers)
+    accum = f.accum_iter
+    steps_per_epoch = max(1, len(loader) // accum)
+    total = f.max_steps if f.max_steps is not None else f.epochs * steps_per_epoch
+    warmup = f.warmup_epochs * steps_per_epoch
+    eff_batch = batch * accum
+    lr = f.lr if f.lr is not None else f.blr * eff_batch / 256
+
+    model = model.to(device)
+    optimizer = build_optimizer(model, cfg, lr)
+    mixup = None
+    if mixup_on:
+        mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
+                      switch_prob=f.mixup_switch_prob, mode=f.mixup_mode,
+                      label_smoothing=f.smoothing, num_classes=num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif f.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=f.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    autocast = autocast_for(cfg.train.amp, device)
+    log.info("finetune: %d images, %d steps (%d/epoch), batch %d x %d, lr %.3g, layer decay %s, device %s",
+             len(train_ds), total, steps_per_epoch, batch, accum, lr, f.layer_decay, device)
+
+    history, step, epoch, micro, loss_sum, loss_n = [], 0, 0, 0, 0.0, 0
+    bar = tqdm(total=total, desc="finetune", dynamic_ncols=True, mininterval=1.0)
+    t_train = time.perf_counter()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    while step < total:
+        for imgs, y in loader:
+            imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup is not None:
+                imgs, y = mixup(imgs, y)
+            lr_now = warmup_cosine(step, total, warmup, lr, f.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now * group.get("lr_scale", 1.0)
+            with autocast:
+                loss = criterion(model(imgs), y)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"non-finite fine-tuning loss at step {step}; lower eval.finetune.blr")
+            (loss / accum).backward()
+            loss_sum, loss_n, micro = loss_sum + loss.item(), loss_n + 1, micro + 1
+            if micro % accum:
+                continue
+            if f.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.2e}", refresh=False)
+            if step >= total:
+                break
+        epoch += 1
+        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
+        if f.eval_every and epoch % f.eval_every == 0 and step < total:
+            row["test_top1"] = evaluate_classifier(model, test_loader, device, autocast)
+        history.append(row)
+        log.info("finetune epoch %d: %s", epoch, row)
+        loss_sum, loss_n = 0.0, 0
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    acc = evaluate_classifier(model, test_loader, device, autocast)
+    return {"metric": "finetune_top1", "value": acc, "epochs_run": step / steps_per_epoch, "steps": step,
+            "batch_size": batch, "accum_iter": accum, "lr": lr, "train_size": len(train_ds), "test_size": len(test_ds),
+            "num_classes": num_classes, "history": history,
+            "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0}}

@@ -1,0 +1,128 @@
+"""``mimkit eval``: resolve the config, load the encoder, run a protocol, write ``eval_<protocol>.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from mimkit.config import Config, ConfigError, config_from_dict, load_config, to_dict
+
+log = logging.getLogger("mimkit")
+PROTOCOLS = ("knn", "linprobe", "finetune")
+
+
+def resolve_config(saved: dict | None, config: str | Path | None, overrides: list[str] | tuple = (),
+                   source: str | Path | None = None) -> Config:
+    """``config`` (preset or file) ⊕ overrides; without one, a mimkit checkpoint's ``saved`` config."""
+    if config is not None:
+        return load_config(config, overrides)
+    if saved:
+        return config_from_dict(saved, overrides)
+    if source is not None:
+        raise ConfigError(f"{source} carries no mimkit config: give --config (a preset or YAML "
+                          "file naming the data set and image size)")
+    raise ConfigError("give --checkpoint, or --config with --from-scratch")
+
+
+def result_name(protocol: str, from_scratch: bool, label_fraction: float) -> str:
+    """``eval_<protocol>.json``; from-scratch and label-fraction runs get a suffix so they never
+    overwrite the default result."""
+    name = f"eval_{protocol}"
+    if from_scratch:
+        name += "_scratch"
+    if label_fraction < 1.0:
+        name += f"_lf{label_fraction:g}"
+    return name + ".json"
+
+
+def _encoder_for_features(cfg: Config, w):
+    """A timm ViT (``global_pool='token'``) whose ``forward_features`` are the MAE encoder's;
+    ``w`` is the checkpoint's :class:`~mimkit.interop.convert.Weights`, or None (from scratch)."""
+    from mimkit.interop.timm import to_timm_vit
+
+    if w is None:
+        from mimkit.models import model_from_config
+
+        torch.manual_seed(cfg.train.seed)
+        mae = model_from_config(cfg)
+        state, arch = mae.state_dict(), mae.arch
+    else:
+        state, arch = w.state, w.arch
+    return to_timm_vit(state, arch, global_pool="token", img_size=cfg.model.img_size)
+
+
+def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | Path | None = None,
+             out: str | Path | None = None, from_scratch: bool = False, overrides: list[str] | tuple = (),
+             weights: str = "auto") -> tuple[dict, Path]:
+    """Run ``protocol`` (knn | linprobe | finetune) and write its JSON result.
+
+    The config gives data and evaluation settings (``--config``; default: the checkpoint's saved
+    config). The encoder comes from ``checkpoint`` (any format ``mimkit.load_encoder`` reads) or,
+    with ``from_scratch``, is a random initialisation of cfg's architecture (the checkpoint's
+    config when one is given, so pre-trained and scratch runs match). The result goes to
+    ``out`` (default: the checkpoint's folder). Returns (result, path).
+    """
+    from mimkit.engine.distributed import pick_device
+    from mimkit.engine.logging import setup_logging
+    from mimkit.interop.convert import read_weights, sha256_file
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if checkpoint is None and not from_scratch:
+        raise ConfigError("give --checkpoint (or --from-scratch for a random initialisation)")
+    setup_logging()
+    w = read_weights(checkpoint, weights) if checkpoint is not None else None  # read once
+    cfg = resolve_config(w.config if w else None, config, overrides, checkpoint)
+    if out is None:
+        if checkpoint is None:
+            raise ConfigError("--out is required without --checkpoint")
+        ckpt = Path(checkpoint)
+        out = ckpt if ckpt.is_dir() else ckpt.parent
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if w is not None and w.arch["in_chans"] != cfg.model.in_chans:
+        raise ConfigError(f"model.in_chans is {cfg.model.in_chans} but {checkpoint} was trained on "
+                          f"{w.arch['in_chans']}-channel images; set model.in_chans={w.arch['in_chans']}")
+    if from_scratch:
+        w = None  # the checkpoint only lent its config
+    device = pick_device(cfg.train.device)
+    t0 = time.perf_counter()
+    if protocol == "finetune":
+        from mimkit.eval.common import labelled_dataset, num_classes_of
+        from mimkit.eval.finetune import build_classifier, run_finetune
+
+        num_classes = num_classes_of(labelled_dataset(cfg, "train", transform=lambda x: x))
+        model = build_classifier(cfg, num_classes, w)
+        result = run_finetune(model, cfg, device)
+    else:
+        encoder = _encoder_for_features(cfg, w)
+        if protocol == "knn":
+            from mimkit.eval.knn import run_knn
+
+            result = run_knn(encoder, cfg, device, "knn")
+        else:
+            from mimkit.eval.linprobe import run_linprobe
+
+            result = run_linprobe(encoder, cfg, device)
+    elapsed = time.perf_counter() - t0
+    timings = dict(result.pop("timings", {}))
+    timings["wall_s"] = elapsed
+    record = {
+        "protocol": protocol, "metric": result.pop("metric"), "value": result.pop("value"), "split": "test",
+        "label_fraction": cfg.data.label_fraction, "from_scratch": from_scratch,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "checkpoint_sha256": None if checkpoint is None or from_scratch else sha256_file(checkpoint),
+        "weights": weights, "details": result, "timings": timings,
+        "device": f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
+    }
+    path = out / result_name(protocol, from_scratch, cfg.data.label_fraction)
+    path.write_text(json.dumps(record, indent=2))
+    log.info("%s %s = %.4f (%.0f s) -> %s", protocol, record["metric"], record["value"], elapsed, path)
+    return record, path

@@ -1,0 +1,103 @@
+"""MAE encoder <-> ``timm.models.VisionTransformer``.
+
+The MAE encoder already uses timm's names (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.N.*``, ``norm``), so its state dict loads into a timm ViT with ``class_token=True`` and
+``global_pool='token'`` under ``strict=True``. For fine-tuning (METHODS §1) the ViT uses
+``global_pool='avg'`` with ``fc_norm``: timm then has no per-token ``norm``, so the pre-trained
+``norm`` is dropped and ``fc_norm`` starts fresh, as the official MAE fine-tuning code does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.models import VisionTransformer
+from torch import nn
+
+from mimkit.models.vit import resize_pos_embed
+
+# (embed_dim, depth, num_heads) -> timm's size name
+_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base",
+          (1024, 24, 16): "large", (1280, 32, 16): "huge"}
+_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+def encoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder entries of an MAE state dict (official names), detached, contiguous, on CPU."""
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()
+            if k.startswith(_ENCODER_PREFIXES)}
+
+
+def _square(img_size) -> int | tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size
+    h, w = img_size
+    return int(h) if h == w else (int(h), int(w))
+
+
+def timm_kwargs(arch: dict, **overrides) -> dict:
+    """``VisionTransformer`` keyword arguments for an MAE ``arch`` dict (encoder part).
+
+    Defaults give a feature extractor (``num_classes=0``, ``global_pool='token'``) whose
+    ``forward_features`` equals the MAE encoder on unmasked input; ``overrides`` win.
+    """
+    kwargs = dict(
+        img_size=_square(arch["img_size"]), patch_size=int(arch["patch_size"]),
+        in_chans=int(arch["in_chans"]), embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]),
+        num_heads=int(arch["num_heads"]), mlp_ratio=float(arch.get("mlp_ratio", 4.0)),
+        qkv_bias=True, class_token=True, num_classes=0, global_pool="token",
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def timm_model_name(arch: dict) -> str | None:
+    """timm's registered name for exactly this architecture (e.g. ``vit_base_patch16_224``)."""
+    import timm
+
+    size = _SIZES.get((int(arch["embed_dim"]), int(arch["depth"]), int(arch["num_heads"])))
+    img = _square(arch["img_size"])
+    if size is None or not isinstance(img, int) or arch["in_chans"] != 3 or arch.get("mlp_ratio", 4.0) != 4.0:
+        return None
+    name = f"vit_{size}_patch{arch['patch_size']}_{img}"
+    return name if timm.is_model(name) else None
+
+
+def create_model_call(arch: dict, num_classes: int = 0, global_pool: str = "token") -> str:
+    """The ``timm.create_model(...)`` call whose model loads an exported encoder strictly."""
+    name = timm_model_name(arch)
+    extra = f"num_classes={num_classes}, global_pool='{global_pool}'"
+    if name is not None:
+        return f"timm.create_model('{name}', {extra})"
+    kw = timm_kwargs(arch)
+    args = ", ".join(f"{k}={kw[k]!r}" for k in ("img_size", "patch_size", "in_chans", "embed_dim",
+                                               "depth", "num_heads", "mlp_ratio"))
+    # Any registered ViT works as the base: keyword arguments override its architecture.
+    return f"timm.create_model('vit_base_patch16_224', {args}, {extra})"
+
+
+def to_timm_vit(state: dict[str, torch.Tensor], arch: dict, **overrides) -> VisionTransformer:
+    """A timm ``VisionTransformer`` holding an MAE encoder's weights.
+
+    ``overrides`` are ``VisionTransformer`` arguments (``num_classes``, ``global_pool``,
+    ``fc_norm``, ``drop_path_rate``, ``img_size``, ...). A new ``img_size`` resizes the position
+    table (bicubic). A head (``num_classes > 0``) is initialised trunc-normal(std 2e-5) with zero
+    bias (MAE fine-tuning); with ``global_pool='avg'`` ``fc_norm`` starts at (1, 0). Every
+    encoder weight must fit, otherwise a ``ValueError`` names the keys.
+    """
+    vit = VisionTransformer(**timm_kwargs(arch, **overrides))
+    state = encoder_state_dict(state)
+    if isinstance(vit.norm, nn.Identity):  # fc_norm replaces the per-token norm (official MAE)
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+        old = math.isqrt(state["pos_embed"].shape[1] - 1)
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (old, old), vit.patch_embed.grid_size)
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the timm ViT: missing {missing}, unexpected {unexpected}")
+    if isinstance(vit.head, nn.Linear):
+        nn.init.trunc_normal_(vit.head.weight, std=2e-5)
+        nn.init.zeros_(vit.head.bias)
+    return vit

@@ -1,0 +1,50 @@
+import hashlib
+import json
+
+import torch
+import yaml
+
+from mimkit.cli import main
+from mimkit.interop.official import to_official
+from mimkit.models import model_from_config
+
+
+def test_eval_knn_writes_json_next_to_checkpoint(tiny_ckpt):
+    assert main(["eval", "knn", "--checkpoint", str(tiny_ckpt)]) == 0
+    rec = json.loads((tiny_ckpt.parent / "eval_knn.json").read_text())
+    assert rec["metric"] == "knn_top1" and rec["split"] == "test" and 0 <= rec["value"] <= 1
+    assert rec["checkpoint_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+    assert rec["config"]["model"]["embed_dim"] == 32 and rec["timings"]["wall_s"] > 0
+
+
+def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path):
+    out = tmp_path / "res"
+    assert main(["eval", "linprobe", "--checkpoint", str(tiny_ckpt), "--out", str(out),
+                 "eval.linprobe.epochs=2"]) == 0
+    assert json.loads((out / "eval_linprobe.json").read_text())["details"]["epochs"] == 2
+    assert main(["eval", "finetune", "--checkpoint", str(tiny_ckpt), "--out", str(out),
+                 "data.label_fraction=0.5"]) == 0
+    rec = json.loads((out / "eval_finetune_lf0.5.json").read_text())
+    assert rec["label_fraction"] == 0.5 and rec["details"]["train_size"] == 60
+
+
+def test_from_scratch_needs_no_checkpoint(tiny_cfg, tmp_path):
+    from mimkit.config import save_config
+
+    save_config(tiny_cfg, tmp_path / "tiny.yaml")
+    out = tmp_path / "scratch"
+    assert main(["eval", "finetune", "--from-scratch", "--config", str(tmp_path / "tiny.yaml"),
+                 "--out", str(out)]) == 0
+    rec = json.loads((out / "eval_finetune_scratch.json").read_text())
+    assert rec["from_scratch"] and rec["checkpoint_sha256"] is None
+
+
+def test_foreign_checkpoint_needs_config(tiny_cfg, tmp_path, capsys):
+    torch.save(to_official(model_from_config(tiny_cfg)), tmp_path / "official.pth")
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "official.pth")]) == 2
+    assert "--config" in capsys.readouterr().err
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(
+        {"model": {"img_size": 16, "in_chans": 1}, "data": {"name": "synthetic", "num_workers": 0}}))
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "official.pth"),
+                 "--config", str(tmp_path / "tiny.yaml")]) == 2
+    assert "in_chans" in capsys.readouterr().err

@@ -1,0 +1,44 @@
+import torch
+import torch.nn.functional as F
+
+from mimkit.eval.knn import knn_classify, knn_monitor, run_knn
+from mimkit.models import model_from_config
+from mimkit.objectives.mae import MAE
+
+
+def test_knn_on_known_features():
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=-1)
+    assert knn_classify(bank, labels, queries, k=2).tolist() == [0, 1]
+
+
+def test_votes_are_weighted_by_similarity():
+    # One very close neighbour of class 0 outweighs two distant ones of class 1 (T = 0.07).
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.5, -1.0]]), dim=-1)
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    assert knn_classify(bank, labels, query, k=3, temperature=0.07).tolist() == [0]
+    assert knn_classify(bank, labels, query, k=3, temperature=100.0).tolist() == [1]  # ~majority
+
+
+def test_chunking_does_not_change_predictions():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    queries = F.normalize(torch.randn(97, 16, generator=g), dim=-1)
+    a = knn_classify(bank, labels, queries, k=20, chunk=7)
+    assert torch.equal(a, knn_classify(bank, labels, queries, k=20, chunk=4096))
+
+
+def test_run_knn_with_label_fraction(make_cfg):
+    cfg = make_cfg("eval.feature=both", "data.label_fraction=0.5")
+    out = run_knn(model_from_config(cfg), cfg, torch.device("cpu"))
+    assert out["bank_size"] == 60 and out["test_size"] == 120 and 0.0 <= out["value"] <= 1.0
+
+
+def test_knn_monitor_uses_eval_model_and_restores_mode(make_cfg):
+    cfg = make_cfg("eval.monitor_samples=40")
+    objective = MAE(model_from_config(cfg), cfg.mask_ratio).train()
+    acc = knn_monitor(objective, cfg, torch.device("cpu"))
+    assert 0.0 <= acc <= 1.0 and objective.model.training
