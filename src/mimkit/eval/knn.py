@@ -40,7 +40,7 @@ def extract_features(encoder, loader: DataLoader, device: torch.device, feature:
             f = F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
         else:
             f = pool_tokens(tokens, feature)
-        feats.append(f.cpu())
+        feats.append(f.cpu().clone())  # a copy: a view would keep every batch's tokens alive
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
