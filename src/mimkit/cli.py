@@ -23,13 +23,27 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         pretrain(load_config(args.config or "fmnist_tiny", args.overrides), args.out)
 
 
+def _checkpoint_stats(path: str):
+    from mimkit.config import config_from_dict
+    from mimkit.data import stats_for
+    from mimkit.engine.checkpoint import load_file
+
+    saved = load_file(path).get("config")
+    return stats_for(config_from_dict(saved)) if isinstance(saved, dict) else None
+
+
 def cmd_visualize(args: argparse.Namespace) -> None:
     import mimkit
     from mimkit.data import dataset_stats
     from mimkit.viz import load_images, save_reconstruction_grid
 
     model = mimkit.load_model(args.checkpoint)
-    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats, model.in_chans)
+    if args.mean and args.std:
+        mean, std = args.mean, args.std
+    elif args.stats:
+        mean, std = dataset_stats(args.stats, model.in_chans)
+    else:  # a mimkit checkpoint knows its data's normalization; official ones use ImageNet's
+        mean, std = _checkpoint_stats(args.checkpoint) or dataset_stats("folder", model.in_chans)
     imgs = load_images(args.images, model, mean, std, limit=args.num)
     import torch
 
@@ -104,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reconstructions.png")
     p.add_argument("--num", type=int, default=8, help="at most this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
-    p.add_argument("--stats", default="folder", help="data set whose mean/std normalise inputs")
+    p.add_argument("--stats", default=None,
+                   help="data set whose mean/std normalise inputs (default: the checkpoint's, else ImageNet)")
     p.add_argument("--mean", type=float, nargs="+", default=None)
     p.add_argument("--std", type=float, nargs="+", default=None)
     p.set_defaults(func=cmd_visualize)
