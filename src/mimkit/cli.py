@@ -23,13 +23,27 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         pretrain(load_config(args.config or "fmnist_tiny", args.overrides), args.out)
 
 
+def _checkpoint_stats(path: str):
+    from mimkit.config import config_from_dict
+    from mimkit.data import stats_for
+    from mimkit.engine.checkpoint import load_file
+
+    saved = load_file(path).get("config")
+    return stats_for(config_from_dict(saved)) if isinstance(saved, dict) else None
+
+
 def cmd_visualize(args: argparse.Namespace) -> None:
     import mimkit
     from mimkit.data import dataset_stats
     from mimkit.viz import load_images, save_reconstruction_grid
 
     model = mimkit.load_model(args.checkpoint)
-    mean, std = (args.mean, args.std) if args.mean else dataset_stats(args.stats, model.in_chans)
+    if args.mean and args.std:
+        mean, std = args.mean, args.std
+    elif args.stats:
+        mean, std = dataset_stats(args.stats, model.in_chans)
+    else:  # a mimkit checkpoint knows its data's normalization; official ones use ImageNet's
+        mean, std = _checkpoint_stats(args.checkpoint) or dataset_stats("folder", model.in_chans)
     imgs = load_images(args.images, model, mean, std, limit=args.num)
     import torch
 
@@ -72,6 +86,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_make_shards(args: argparse.Namespace) -> None:
+    from mimkit.data.shards import write_shards
+
+    try:
+        out = write_shards(args.images, args.out, args.max_count, args.max_size, args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mimkit: error: {e}") from None
+    print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mimkit.bench import main_from_args
+
+    main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reconstructions.png")
     p.add_argument("--num", type=int, default=8, help="at most this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
-    p.add_argument("--stats", default="folder", help="data set whose mean/std normalise inputs")
+    p.add_argument("--stats", default=None,
+                   help="data set whose mean/std normalise inputs (default: the checkpoint's, else ImageNet)")
     p.add_argument("--mean", type=float, nargs="+", default=None)
     p.add_argument("--std", type=float, nargs="+", default=None)
     p.set_defaults(func=cmd_visualize)
@@ -110,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
         q.set_defaults(func=cmd_eval)
 
+    from mimkit.eval.consistency import add_consistency_args, run_consistency_cli
+
+    q = protocols.add_parser("consistency", help="disagreement of predictions across random masks")
+    add_consistency_args(q)
+    q.set_defaults(func=run_consistency_cli)
+
     p = sub.add_parser("export", help="convert a checkpoint to timm, official MAE, HF or safetensors")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", required=True, choices=["timm", "mae", "hf", "safetensors"])
@@ -123,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-shards", help="write an image folder to WebDataset-style tar shards")
+    p.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
+    p.add_argument("--out", required=True, help="shard name pattern, e.g. shards/shard-%%06d.tar")
+    p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    p.add_argument("--max-size", type=int, default=None, help="bytes per shard at most (about)")
+    p.add_argument("--split", default="train", help="train | test, for folders with train/ and test/")
+    p.set_defaults(func=cmd_make_shards)
+
+    from mimkit.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="time pre-training steps against transformers and lightly")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

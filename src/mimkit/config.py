@@ -79,7 +79,7 @@ class TrainConfig:
 class EMAEConfig:
     num_parts: int = 0  # parts run per step; 0: all K = 1/(1-mask_ratio)
     sc_weight: float = 1.0  # λ of the self-consistency loss
-    sc_warmup_epochs: float = 0.0
+    sc_warmup: float = 0.0  # fraction of training over which λ rises linearly from 0 (0: off)
     sc_distance: str = "mse"  # mse | l1 | smooth_l1
     sc_target: str = "other"  # other | mean
     sequential: bool = False  # run parts one after another to save memory
@@ -97,9 +97,9 @@ class TeacherConfig:
 
 @dataclass
 class MixedAEConfig:
-    ways: int = 0  # r images mixed per sample; 0: 1/(1-mask_ratio)
+    ways: int = 0  # r images mixed per sample (<= K); 0: K = 1/(1-mask_ratio)
     attn_blocks: list[int] | None = None  # encoder blocks with homologous attention; None: all
-    topk: int = 0  # keys kept per query; 0: L/r
+    topk: int = 0  # patch keys kept per query (+ cls); 0: L/K, the patches of one source
     oracle: bool = False
     hc_weight: float = 0.5
     hc_temperature: float = 0.2
@@ -391,7 +391,40 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.label_fraction: must be in (0, 1], got {cfg.data.label_fraction}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: expected two values, got {t.betas}")
+    _validate_methods(cfg)
     _validate_eval(cfg.eval)
+
+
+def _validate_methods(cfg: Config) -> None:
+    """Method options; shapes that depend on the model (K dividing L, top-k) are checked when
+    the objective is built (:func:`mimkit.objectives.build_objective`)."""
+    e, te, mx = cfg.emae, cfg.teacher, cfg.mixedae
+    if e.num_parts < 0:
+        raise ConfigError(f"emae.num_parts: must be >= 0 (0: all parts), got {e.num_parts}")
+    if e.sc_weight < 0:
+        raise ConfigError(f"emae.sc_weight: must be >= 0, got {e.sc_weight}")
+    if not 0.0 <= e.sc_warmup <= 1.0:
+        raise ConfigError(f"emae.sc_warmup: a fraction of training in [0, 1], got {e.sc_warmup}")
+    if te.weight < 0:
+        raise ConfigError(f"teacher.weight: must be >= 0, got {te.weight}")
+    for key, value in (("teacher.momentum", te.momentum), ("teacher.momentum_end", te.momentum_end)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if mx.ways < 0:
+        raise ConfigError(f"mixedae.ways: must be >= 0 (0: 1/(1-mask_ratio)), got {mx.ways}")
+    if mx.topk < 0:
+        raise ConfigError(f"mixedae.topk: must be >= 0 (0: patches per source), got {mx.topk}")
+    if mx.hc_weight < 0:
+        raise ConfigError(f"mixedae.hc_weight: must be >= 0, got {mx.hc_weight}")
+    if mx.hc_temperature <= 0:
+        raise ConfigError(f"mixedae.hc_temperature: must be > 0, got {mx.hc_temperature}")
+    if mx.hc_proj_dim < 1:
+        raise ConfigError(f"mixedae.hc_proj_dim: must be >= 1, got {mx.hc_proj_dim}")
+    if {"emae", "mixedae"} <= method_parts(cfg.method):
+        raise ConfigError(
+            f"method: '{cfg.method}' combines two uses of the K-part partition (EMAE's parts and "
+            "MixedAE's sources); combine either with rcmae instead"
+        )
 
 
 EVAL_CHOICES = {

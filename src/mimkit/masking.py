@@ -92,3 +92,42 @@ def stack_masks(parts: list[Masks]) -> Masks:
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``x[b, ids[b, n]]`` for (B, L, D) tokens and (B, N) indices."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def mirror_masks(masks: Masks) -> Masks:
+    """The masks that ``noise.flip(1)`` would have given: patch n ↔ patch L-1-n.
+
+    RC-MAE's "different mask" option (METHODS §3) derives the teacher's mask from the student's
+    noise this way, so it stays a pure function of the data-pipeline noise (exact resume) and
+    works for any masks a base method produced (random, EMAE parts, MixedAE sources). On the
+    patch grid it is the student's mask rotated by 180°.
+    """
+    length = masks.ids_restore.shape[1]
+    return Masks(length - 1 - masks.ids_keep, masks.ids_restore.flip(1), masks.mask.flip(1))
+
+
+def mixing_masks(noise: torch.Tensor, ways: int, num_parts: int) -> Masks:
+    """Per-image masks of an r-way mixing plan (MixedAE, METHODS §4), stacked for the batch.
+
+    The batch is read as ``B/r`` groups of ``r`` consecutive images (the sampler already
+    shuffled it). Group g's partition comes from the noise of its first image; image slot s
+    of the group keeps part s, so the r visible sets are disjoint and, when ``r = K``, cover
+    the L positions exactly once. Image ``b = g·r + s`` gets row b of the result. With
+    ``r = 1`` this is ``random_masking(noise, 1 - 1/K)``.
+    """
+    batch = noise.shape[0]
+    if ways < 1 or ways > num_parts:
+        raise ValueError(f"{ways}-way mixing needs 1 <= ways <= K={num_parts} disjoint parts")
+    if batch % ways:
+        raise ValueError(f"a batch of {batch} images cannot be split into groups of {ways}")
+    parts = partition_masking(noise[::ways], num_parts)[:ways]
+
+    def interleave(tensors: list[torch.Tensor]) -> torch.Tensor:
+        # (G, ...) per slot → (G·r, ...) with row g·r + s = slot s of group g.
+        return torch.stack(tensors, dim=1).flatten(0, 1)
+
+    return Masks(
+        interleave([p.ids_keep for p in parts]),
+        interleave([p.ids_restore for p in parts]),
+        interleave([p.mask for p in parts]),
+    )

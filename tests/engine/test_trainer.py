@@ -91,3 +91,11 @@ def test_no_temp_files_left(tmp_path, tiny_overrides):
     run = pretrain(load_config(None, tiny_overrides + ["train.max_steps=2"]), tmp_path / "x")
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_online_knn_monitor_logged_each_epoch(tmp_path, tiny_overrides):
+    run = pretrain(load_config(None, tiny_overrides + ["train.epochs=2", "train.knn_every=1",
+                                                       "eval.monitor_samples=32"]), tmp_path / "k")
+    rows = {r["step"]: r for r in read_metrics(run)}
+    assert [s for s, r in rows.items() if "knn_top1" in r] == [8, 16]  # 8 steps per epoch
+    assert 0.0 <= rows[8]["knn_top1"] <= 1.0 and "loss" in rows[8]

@@ -13,6 +13,7 @@ from .datasets import (
     find_idx_root,
     read_idx,
 )
+from .shards import IterableShardDataset, ShardDataset, write_shards
 from .transforms import ConvertChannels, eval_transform, pretrain_transform
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "ArrayDataset",
     "ConvertChannels",
     "ImageFolderDataset",
+    "IterableShardDataset",
     "SeededDataset",
+    "ShardDataset",
     "SyntheticDataset",
     "build_dataset",
     "cache_dir",
@@ -30,6 +33,7 @@ __all__ = [
     "find_idx_root",
     "pretrain_transform",
     "read_idx",
+    "write_shards",
 ]
 
 

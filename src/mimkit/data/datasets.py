@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger("mimkit")
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic")
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "shards", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,6 +44,7 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "folder": (IMAGENET_MEAN, IMAGENET_STD),
+    "shards": (IMAGENET_MEAN, IMAGENET_STD),
     "synthetic": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
@@ -616,8 +617,10 @@ def build_dataset(
 ) -> Dataset:
     """Build one of ``DATASET_NAMES`` for ``split`` ("train" or "test").
 
-    ``on_corrupt`` applies to "folder"; ``synthetic_size``/``img_size``/``seed`` to "synthetic";
-    ``in_chans`` to "folder" and "synthetic" (the others keep their native channels).
+    ``on_corrupt`` applies to "folder" and "shards"; ``synthetic_size``/``img_size``/``seed`` to
+    "synthetic"; ``in_chans`` to "folder", "shards" and "synthetic" (the others keep their native
+    channels). "shards": local shards are map-style (:class:`~mimkit.data.shards.ShardDataset`);
+    ``pipe:``/URL roots stream (:class:`~mimkit.data.shards.IterableShardDataset`).
     """
     key = _canonical_name(name)
     split = _check_split(split)
@@ -629,6 +632,14 @@ def build_dataset(
         if root is None:
             raise ValueError("The 'folder' dataset needs root=<image folder>")
         return ImageFolderDataset(root, split, transform, on_corrupt=on_corrupt, in_chans=in_chans)
+    if key == "shards":
+        from .shards import IterableShardDataset, ShardDataset, is_stream_url, resolve_shards
+
+        if root is None:
+            raise ValueError("The 'shards' dataset needs root=<directory, shard-{000000..000009}.tar, or pipe:CMD>")
+        streamed = any(is_stream_url(s) for s in resolve_shards(root, split))
+        cls = IterableShardDataset if streamed else ShardDataset
+        return cls(root, split, transform, in_chans=in_chans, on_corrupt=on_corrupt)
     return SyntheticDataset(synthetic_size, img_size, in_chans, seed, split, transform)
 
 

@@ -10,7 +10,14 @@ from mimkit.models.mae import MaskedAutoencoderViT
 
 
 class MAE(nn.Module):
-    """The base objective. Every method returns a dict with ``loss`` and its named parts."""
+    """The base objective. Every method returns a dict with ``loss`` and its named parts.
+
+    Besides ``pred``/``mask`` (for pictures) a base method exposes what it reconstructed, so
+    that a wrapper such as :class:`~mimkit.objectives.teacher.EMATeacher` can add a term on
+    top without knowing the method: ``preds`` (R, L, p·p·C) for every row it decoded,
+    ``masks`` (the :class:`~mimkit.masking.Masks` of those rows) and ``rows`` (R,), the
+    batch index of the image each row belongs to.
+    """
 
     def __init__(self, model: MaskedAutoencoderViT, mask_ratio: float) -> None:
         super().__init__()
@@ -19,7 +26,9 @@ class MAE(nn.Module):
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> dict:
         masks = random_masking(noise, self.mask_ratio)
         out = self.model(imgs, masks=masks)
-        return {"loss": out.loss, "loss_rec": out.loss, "pred": out.pred, "mask": out.mask}
+        rows = torch.arange(imgs.shape[0], device=imgs.device)
+        return {"loss": out.loss, "loss_rec": out.loss, "pred": out.pred, "mask": out.mask,
+                "preds": out.pred, "masks": masks, "rows": rows}
 
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step (EMA teachers update here)."""

@@ -1,0 +1,610 @@
+"""``mimkit bench``: time pre-training steps of mimkit beside transformers' and lightly's MAE.
+
+One *step* is what the trainer does per batch: forward (masking from the given noise, encoder,
+decoder, norm-pix loss), backward, AdamW step (the trainer's: betas 0.9/0.95, weight decay 0.05
+except 1-D parameters and biases, fused kernels on CUDA and CPU), ``zero_grad``. Data loading is not
+timed: every implementation gets the same pre-made batch and masking noise, already on the
+device.
+
+Every implementation starts from the same weights: mimkit builds the model with a fixed seed
+and the others receive copies (:func:`mimkit.interop.hf.to_hf_model`,
+:meth:`mimkit.interop.lightly.LightlyMAE.from_mimkit`), so their first losses agree; the table
+shows them. Each implementation runs in a fresh subprocess, so peak-memory readings and
+allocator caches do not mix.
+
+* **Peak memory.** CUDA: ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps
+  (absolute: weights + gradients + optimizer state + activations). CPU: the high-water mark of
+  the resident set (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``
+  after set-up and ``malloc_trim``) minus the resident set after set-up — what the steps add on
+  top of weights and inputs: gradients, optimizer state, activations, allocator slack.
+  Because allocator readings are noisy, the table also gives **saved activations**: the bytes of
+  the distinct tensors autograd keeps for backward (:class:`SavedTensorMeter`), which are exact.
+* **FLOPs** are counted by :class:`torch.utils.flop_counter.FlopCounterMode` over one eager
+  forward + backward of each implementation (matrix products, convolutions, attention;
+  element-wise work is not counted). Equal counts show that the implementations do the same
+  work. Achieved FLOP/s = counted FLOPs / median step time; on a GPU also as a fraction of
+  the chip's dense bf16 peak (:data:`PEAK_TFLOPS`, or ``--peak-tflops``).
+
+torch is imported inside the functions so that ``mimkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+IMPLEMENTATIONS = ("mimkit", "hf", "lightly")
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), matched against the GPU name.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
+               "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0}
+_RESULT_TAG = "MIMKIT_BENCH_RESULT "
+
+
+@dataclass
+class BenchSpec:
+    """What to time: one architecture, method, batch, device and precision."""
+
+    arch: str = "vit_base_patch16"
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: int | None = None
+    method: str = "mae"
+    overrides: list[str] = field(default_factory=list)  # further key=value config overrides
+    batch_size: int = 8
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False
+    warmup: int = 2
+    iters: int = 5
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None: every core
+    seed: int = 0
+
+    def config_overrides(self) -> list[str]:
+        """``key=value`` overrides that turn the spec into a mimkit :class:`~mimkit.config.Config`."""
+        out = [f"method={self.method}", f"model.arch={self.arch}", f"model.img_size={self.img_size}",
+               f"model.in_chans={self.in_chans}", f"train.batch_size={self.batch_size}"]
+        if self.patch_size is not None:
+            out.append(f"model.patch_size={self.patch_size}")
+        return out + list(self.overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# The implementations: a module to optimise and ``loss = call(module, imgs, noise)``
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    """One implementation, ready to train. ``call`` also accepts the compiled ``module``."""
+
+    module: Any  # nn.Module
+    call: Callable[[Any, Any, Any], Any]  # (module, imgs, noise) -> scalar loss
+    after_step: Callable[[], None] = lambda: None
+    info: dict = field(default_factory=dict)
+
+
+def _mimkit_model(spec: BenchSpec):
+    import torch
+
+    from mimkit.config import load_config
+    from mimkit.models import model_from_config
+
+    cfg = load_config(None, spec.config_overrides())
+    torch.manual_seed(spec.seed)
+    return cfg, model_from_config(cfg)
+
+
+def build_mimkit(spec: BenchSpec) -> Built:
+    """The objective the trainer would build for ``spec.method`` (new methods work unchanged)."""
+    from mimkit.objectives import build_objective
+
+    cfg, model = _mimkit_model(spec)
+    objective = build_objective(cfg, model)
+    return Built(
+        objective,
+        lambda m, imgs, noise: m(imgs, noise, 0.0)["loss"],
+        lambda: objective.after_step(0.0),  # e.g. RC-MAE's EMA update is part of a step
+        {"module": f"{type(objective).__module__}.{type(objective).__name__}"},
+    )
+
+
+def build_hf(spec: BenchSpec) -> Built:
+    """``transformers.ViTMAEForPreTraining`` with mimkit's architecture and weights."""
+    import transformers
+
+    from mimkit.interop.hf import to_hf_model
+
+    _, model = _mimkit_model(spec)
+    # A freshly built transformers 5.x ViTMAE has all-zero position tables (only
+    # from_pretrained fills them); to_hf_model copies ours, so the weights are identical.
+    hf = to_hf_model(model).train()
+    return Built(
+        hf,
+        lambda m, imgs, noise: m(pixel_values=imgs, noise=noise).loss,
+        info={"module": "transformers.ViTMAEForPreTraining", "version": transformers.__version__,
+              "attn_implementation": getattr(hf.config, "_attn_implementation", None)},
+    )
+
+
+def build_lightly(spec: BenchSpec) -> Built:
+    """lightly's MAE modules with mimkit's architecture and weights."""
+    import lightly
+
+    from mimkit.interop.lightly import LightlyMAE
+
+    _, model = _mimkit_model(spec)
+    return Built(
+        LightlyMAE.from_mimkit(model).train(),
+        lambda m, imgs, noise: m(imgs, noise)["loss"],
+        info={"module": "lightly MaskedVisionTransformerTIMM + MaskedVisionTransformerDecoderTIMM",
+              "version": lightly.__version__},
+    )
+
+
+BUILDERS: dict[str, Callable[[BenchSpec], Built]] = {
+    "mimkit": build_mimkit, "hf": build_hf, "lightly": build_lightly,
+}
+
+
+def skip_reason(impl: str, spec: BenchSpec) -> str | None:
+    """Why ``impl`` cannot run ``spec`` (checked before spawning its process), or None."""
+    if impl == "mimkit":
+        return None
+    if spec.method != "mae":
+        return f"{impl} implements plain MAE only (method={spec.method})"
+    package = {"hf": "transformers", "lightly": "lightly"}[impl]
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed (pip install {package})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one implementation (inside its own process)
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (less sensitive to a busy machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so the resident set is live memory only."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the reading keeps some allocator slack
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def flop_counter():
+    """A FlopCounterMode that also counts CPU SDPA (missing from torch's registry)."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten, extra = torch.ops.aten, {}
+    same_as = {"_scaled_dot_product_flash_attention_for_cpu": aten._scaled_dot_product_flash_attention,
+               "_scaled_dot_product_flash_attention_for_cpu_backward":
+                   aten._scaled_dot_product_flash_attention_backward}
+    for name, known in same_as.items():
+        op = getattr(aten, name, None)
+        if op is not None and op not in fc.flop_registry and known in fc.flop_registry:
+            formula = fc.flop_registry[known]  # same leading (q, k, v) / (grad, q, k, v) arguments
+
+            def counted(*args, _formula=formula, **kwargs):
+                return _formula(*args, **kwargs)
+
+            counted._get_raw = True  # already takes tensors, not shapes
+            extra[op] = counted
+    return fc.FlopCounterMode(display=False, custom_mapping=extra)
+
+
+class SavedTensorMeter:
+    """Bytes of the distinct storages autograd keeps for backward (activation memory).
+
+    Parameters, buffers and inputs are not counted. Allocator-independent, so it compares
+    implementations exactly where resident-set readings are noisy. Use as a context manager
+    around a forward pass.
+    """
+
+    def __init__(self, exclude) -> None:
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self._sizes: dict[int, int] = {}
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        # saved tensors stay alive until backward, so their storages cannot be reused meanwhile
+        if storage.data_ptr() not in self._skip:
+            self._sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedTensorMeter:
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """Dense bf16 peak of a GPU from its name (longest matching key), or None if unknown."""
+    hits = [k for k in PEAK_TFLOPS if k in name]
+    return PEAK_TFLOPS[max(hits, key=len)] if hits else None
+
+
+def _patch_size(spec: BenchSpec) -> int:
+    from mimkit.models.mae import ARCHS
+
+    return spec.patch_size or ARCHS[spec.arch]["patch_size"]
+
+
+def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
+    """Build ``impl`` for ``spec``, time it, and return its result row (in this process)."""
+    import torch
+    from timm.optim import param_groups_weight_decay
+
+    from mimkit.engine.trainer import adamw_kernel
+
+    device = torch.device(spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is available")
+    threads = spec.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+
+    t0 = time.perf_counter()
+    built = BUILDERS[impl](spec)
+    module = built.module.to(device).train()
+    # Identical inputs in every process: drawn on the CPU from a fixed seed, then moved.
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    num_patches = (spec.img_size // _patch_size(spec)) ** 2
+    imgs = torch.randn(spec.batch_size, spec.in_chans, spec.img_size, spec.img_size, generator=g).to(device)
+    noise = torch.rand(spec.batch_size, num_patches, generator=g).to(device)
+    optimizer = torch.optim.AdamW(  # the trainer's optimizer, for every implementation
+        param_groups_weight_decay(module, 0.05), lr=1e-4, betas=(0.9, 0.95), **adamw_kernel(device)
+    )
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.dtype == "bf16" else nullcontext()
+    runner = torch.compile(module) if spec.compile else module
+    setup_s = time.perf_counter() - t0
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> torch.Tensor:
+        with autocast:
+            loss = built.call(runner, imgs, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        built.after_step()
+        return loss.detach()
+
+    # FLOPs and saved activations of one eager forward + backward (untimed; gradients dropped).
+    meter = SavedTensorMeter([*module.parameters(), *module.buffers(), imgs, noise])
+    with flop_counter() as counter:
+        with autocast, meter:
+            loss = built.call(module, imgs, noise)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops, first_loss = counter.get_total_flops(), float(loss.detach())
+    del loss
+    sync()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_base = torch.cuda.memory_allocated(device)
+    _release_free_memory()  # else the FLOP pass's freed gradients hide in the baseline
+    rss_base = _proc_status_kib("VmRSS")
+    peak_reset = _reset_peak_rss()
+
+    t_warm = time.perf_counter()
+    for _ in range(spec.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t_warm
+
+    losses = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(spec.iters)]
+        t_start = time.perf_counter()
+        for start, end in events:
+            start.record()
+            losses.append(step())
+            end.record()
+        sync()
+        total_s = time.perf_counter() - t_start
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        times = []
+        cpu_start = _cpu_seconds()
+        t_start = time.perf_counter()
+        for _ in range(spec.iters):
+            t = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t)
+        total_s = time.perf_counter() - t_start
+        cpu_s = _cpu_seconds() - cpu_start
+
+    row: dict[str, Any] = {"impl": impl, **built.info, "trainable_params": trainable}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        row.update(peak_mem_mib=peak / 2**20, peak_mem_delta_mib=(peak - mem_base) / 2**20,
+                   mem_method="torch.cuda.max_memory_allocated", device_name=torch.cuda.get_device_name(device))
+    else:
+        hwm = _proc_status_kib("VmHWM")
+        known = hwm is not None and rss_base is not None
+        row.update(peak_mem_mib=(hwm - rss_base) / 1024 if known else None,
+                   peak_rss_mib=hwm / 1024 if hwm is not None else None,
+                   mem_method="VmHWM - VmRSS after set-up" + ("" if peak_reset else " (VmHWM could not be reset)"),
+                   cpu_s_per_step=cpu_s / spec.iters,
+                   device_name=platform.processor() or platform.machine())
+    median = statistics.median(times)
+    row.update(
+        ms_per_step=median * 1e3, ms_per_step_mean=total_s / spec.iters * 1e3, ms_per_step_min=min(times) * 1e3,
+        images_per_s=spec.batch_size / median, step_times_ms=[t * 1e3 for t in times],
+        flops_per_step=flops, achieved_tflops=flops / median / 1e12, first_loss=first_loss,
+        saved_activations_mib=meter.bytes / 2**20,
+        last_loss=float(losses[-1]), setup_s=setup_s, warmup_s=warmup_s, threads=threads,
+    )
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration: one subprocess per implementation and round
+# --------------------------------------------------------------------------------------------
+
+
+def _spawn(spec: BenchSpec, impl: str, timeout: float | None) -> dict[str, Any]:
+    """Run :func:`run_worker` in a fresh interpreter; a failure becomes a row with ``error``."""
+    cmd = [sys.executable, "-m", "mimkit.bench", "--worker", impl, json.dumps(asdict(spec))]
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])  # works from a source checkout too
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_TAG):
+            return json.loads(line[len(_RESULT_TAG):])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"impl": impl, "error": f"exit code {proc.returncode}: {tail}"}
+
+
+def _in_process(spec: BenchSpec, impl: str) -> dict[str, Any]:
+    try:
+        return run_worker(spec, impl)
+    except Exception as e:  # same contract as _spawn: a failure becomes a row with ``error``
+        return {"impl": impl, "error": f"{type(e).__name__}: {e}"}
+
+
+def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds: int = 1,
+              peak_tflops: float | None = None, timeout: float | None = None,
+              log: Callable[[str], None] = print, in_process: bool = False) -> dict[str, Any]:
+    """Time every implementation in ``impls``; returns the JSON-ready report.
+
+    With ``rounds > 1`` the implementations alternate (A, B, C, A, B, C, ...) and each one's
+    fastest round (lowest median step time) is reported, which tames a noisy, shared machine.
+    ``in_process`` runs them all in this process (quick, for tests; peak memory then mixes).
+    """
+    import timm
+    import torch
+
+    rows: dict[str, dict] = {}
+    runs: list[dict] = []
+    skipped: dict[str, str] = {}
+    for impl in impls:
+        reason = skip_reason(impl, spec)
+        if reason:
+            skipped[impl] = reason
+            log(f"skipping {impl}: {reason}")
+    todo = [i for i in impls if i not in skipped]
+    for r in range(rounds):
+        for impl in todo:
+            log(f"round {r + 1}/{rounds}: {impl} ...")
+            row = _in_process(spec, impl) if in_process else _spawn(spec, impl, timeout)
+            row["round"] = r
+            runs.append(row)
+            if "error" in row:
+                log(f"  {impl} failed: {row['error']}")
+                skipped.setdefault(impl, row["error"])
+                continue
+            log(f"  {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.1f} images/s")
+            if impl not in rows or row["ms_per_step"] < rows[impl]["ms_per_step"]:
+                rows[impl] = row
+    for impl in rows:
+        skipped.pop(impl, None)
+
+    peak = peak_tflops
+    if peak is None and spec.device == "cuda" and rows:
+        peak = gpu_peak_tflops(next(iter(rows.values())).get("device_name", ""))
+    for row in rows.values():
+        row["fraction_of_peak"] = row["achieved_tflops"] / peak if peak else None
+
+    ratios = {}
+    if "mimkit" in rows:
+        ours = rows["mimkit"]
+        for impl, row in rows.items():
+            if impl != "mimkit":
+                ratios[impl] = {
+                    "throughput": ours["images_per_s"] / row["images_per_s"],
+                    "peak_mem": (ours["peak_mem_mib"] / row["peak_mem_mib"]
+                                 if ours.get("peak_mem_mib") and row.get("peak_mem_mib") else None),
+                }
+    return {
+        "spec": asdict(spec),
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "cuda": torch.version.cuda if spec.device == "cuda" else None,
+            "peak_tflops": peak,
+        },
+        "results": [rows[i] for i in impls if i in rows],
+        "skipped": skipped,
+        "ratios_mimkit_over": ratios,
+        "rounds": runs,
+        "rounds_rule": "fastest round (lowest median step time) per implementation",
+        "isolation": "in-process" if in_process else "one subprocess per implementation and round",
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table of ``report`` plus the mimkit/other ratios and skip reasons."""
+    spec = report["spec"]
+    cuda = spec["device"] == "cuda"
+    mem_head = "peak mem MiB" if cuda else "peak RSS Δ MiB"
+    head = ["impl", "ms/step", "images/s", mem_head, "saved act. MiB", "GFLOP/step", "TFLOP/s"]
+    head.append("% of peak" if cuda else "CPU s/step")
+    head += ["first loss", "mimkit ×"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratios = report["ratios_mimkit_over"]
+    for row in report["results"]:
+        mem = row.get("peak_mem_mib")
+        cells = [row["impl"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:.2f}",
+                 f"{mem:.0f}" if mem is not None else "n/a", f"{row['saved_activations_mib']:.1f}",
+                 f"{row['flops_per_step'] / 1e9:.1f}",
+                 f"{row['achieved_tflops']:.3f}"]
+        if cuda:
+            frac = row.get("fraction_of_peak")
+            cells.append(f"{100 * frac:.1f}" if frac is not None else "n/a")
+        else:
+            cells.append(f"{row['cpu_s_per_step']:.3f}")
+        ratio = ratios.get(row["impl"], {}).get("throughput")
+        cells += [f"{row['first_loss']:.5f}", f"{ratio:.2f}" if ratio else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for impl, r in ratios.items():
+        mem = f", peak memory ×{r['peak_mem']:.2f}" if r["peak_mem"] else ""
+        notes.append(f"mimkit/{impl}: throughput ×{r['throughput']:.2f}{mem}")
+    notes += [f"skipped {impl}: {why}" for impl, why in report["skipped"].items()]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def describe(spec: BenchSpec) -> str:
+    """One line naming what was timed."""
+    patch = f" patch {spec.patch_size}" if spec.patch_size else ""
+    extra = f" {' '.join(spec.overrides)}" if spec.overrides else ""
+    return (f"{spec.method} {spec.arch}{patch} {spec.img_size}px×{spec.in_chans}ch{extra}, batch "
+            f"{spec.batch_size}, {spec.device} {spec.dtype}{' compiled' if spec.compile else ''}, "
+            f"{spec.warmup} warm-up + {spec.iters} timed steps")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``mimkit bench`` options (also used by ``python -m mimkit.bench``)."""
+    p.add_argument("overrides", nargs="*", help="further key=value config overrides (e.g. model.depth=6)")
+    p.add_argument("--arch", default="vit_base_patch16", help="a preset in mimkit.models.mae.ARCHS")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--patch-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--method", default="mae", help="mae | emae | rcmae | mixedae (only mae compares)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile each implementation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation happens here)")
+    p.add_argument("--iters", type=int, default=5, help="timed steps")
+    p.add_argument("--rounds", type=int, default=1, help="alternate implementations this often; keep the best")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: all cores); on a shared machine use 1 and "
+                        "compare 'CPU s/step', which busy neighbours barely change")
+    p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    p.add_argument("--peak-tflops", type=float, default=None, help="chip peak for the %% column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=None, help="seconds per implementation run")
+    p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument("--in-process", action="store_true",
+                   help="no subprocesses (quick checks; peak-memory readings then mix)")
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    names = {f.name for f in fields(BenchSpec)}
+    return BenchSpec(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by parsed ``mimkit bench`` arguments and print the table."""
+    from mimkit.config import load_config
+
+    spec = spec_from_args(args)
+    if spec.warmup < 1 and spec.compile:
+        print("note: --compile with no warm-up step times the compilation", file=sys.stderr)
+    if spec.iters < 1:
+        raise ValueError("--iters must be at least 1")
+    load_config(None, spec.config_overrides())  # fail early, naming a bad key
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
+    report = run_bench(spec, tuple(args.impl), args.rounds, args.peak_tflops, args.timeout, log,
+                       in_process=args.in_process)
+    print(describe(spec))
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+def _worker_main(impl: str, spec_json: str) -> None:
+    row = run_worker(BenchSpec(**json.loads(spec_json)), impl)
+    print(_RESULT_TAG + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker_main(sys.argv[2], sys.argv[3])
+    else:
+        parser = argparse.ArgumentParser(prog="python -m mimkit.bench", description=__doc__)
+        add_arguments(parser)
+        main_from_args(parser.parse_args())

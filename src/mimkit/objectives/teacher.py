@@ -1,0 +1,120 @@
+"""EMA teacher: a wrapper that adds RC-MAE's teacher consistency to any base objective (METHODS §3).
+
+The wrapper does not know the base method: it reads the rows the base decoded (``preds``,
+``masks``, ``rows`` in the base's output dict), re-runs a frozen EMA copy of the MAE on the
+same images with the same masks, and adds ``γ·MSE(student, sg(teacher))`` on the masked
+patches. So ``mae + teacher`` is RC-MAE and ``emae + teacher`` is EMAE with an EMA teacher on
+every part, without new code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mimkit.engine.schedule import cosine_increase
+from mimkit.masking import Masks, gather_tokens, mirror_masks
+from mimkit.models.mae import MaskedAutoencoderViT, masked_mean
+
+SCHEDULES = ("cosine", "constant")
+TEACHER_MASKS = ("same", "different")
+EVAL_WEIGHTS = ("teacher", "student")
+
+
+def ema_momentum(progress: float, start: float, end: float = 1.0, schedule: str = "cosine") -> float:
+    """Teacher momentum at ``progress`` ∈ [0, 1].
+
+    ``cosine``: DINO's ``m = end - (end - start)·(cos(π·progress) + 1)/2``, the RC-MAE paper's
+    intent (0.996 → 1). ``constant``: ``start`` throughout, which is what the released RC-MAE
+    code effectively does (METHODS §3).
+    """
+    if schedule == "cosine":
+        return cosine_increase(progress, 1.0, start, end)
+    if schedule == "constant":
+        return start
+    raise ValueError(f"teacher.schedule: unknown '{schedule}'; choose from {', '.join(SCHEDULES)}")
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``ξ ← m·ξ + (1-m)·θ`` over parameters (buffers are left alone), in place."""
+    t_params = list(teacher.parameters())
+    s_params = list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise ValueError("teacher and student have different parameter lists")
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def teacher_predict(teacher: MaskedAutoencoderViT, imgs: torch.Tensor, masks: Masks) -> torch.Tensor:
+    """The teacher's prediction of every patch (R, L, p·p·C) for the images' rows and masks."""
+    tokens = gather_tokens(teacher.embed(imgs), masks.ids_keep)
+    return teacher.forward_decoder(teacher.encode_tokens(tokens), masks.ids_restore)
+
+
+class EMATeacher(nn.Module):
+    """Any base objective + an EMA teacher and its consistency loss ``loss_teacher``.
+
+    ``teacher`` is a frozen copy of the base's MAE (encoder and decoder), kept in eval mode and
+    updated after each optimizer step by :meth:`after_step`. ``model`` is the base's student.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        weight: float = 1.0,
+        momentum: float = 0.996,
+        momentum_end: float = 1.0,
+        schedule: str = "cosine",
+        mask: str = "same",
+        eval_weights: str = "teacher",
+    ) -> None:
+        super().__init__()
+        for name, value, allowed in (("schedule", schedule, SCHEDULES), ("mask", mask, TEACHER_MASKS),
+                                     ("eval_weights", eval_weights, EVAL_WEIGHTS)):
+            if value not in allowed:
+                raise ValueError(f"teacher.{name}: unknown '{value}'; choose from {', '.join(allowed)}")
+        self.base = base
+        self.teacher = copy.deepcopy(base.model).requires_grad_(False).eval()
+        self.weight, self.momentum, self.momentum_end = weight, momentum, momentum_end
+        self.schedule, self.mask, self.eval_weights = schedule, mask, eval_weights
+
+    @property
+    def model(self) -> MaskedAutoencoderViT:
+        """The student (registered once, under ``base``, so checkpoints hold it once)."""
+        return self.base.model
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Train the base; the teacher always stays in eval mode (METHODS §3)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> dict:
+        out = self.base(imgs, noise, progress)
+        masks: Masks = out["masks"]
+        # The teacher sees the same masks by default; "different" mirrors them, a pure function
+        # of the same noise so that resume stays exact (METHODS §3, masking.mirror_masks).
+        teacher_masks = mirror_masks(masks) if self.mask == "different" else masks
+        target = teacher_predict(self.teacher, imgs[out["rows"]], teacher_masks)
+        # The teacher's raw prediction is the target (already in norm-pix space), on the
+        # student's masked patches with MAE's masked mean (METHODS §3).
+        loss_teacher = masked_mean((out["preds"] - target) ** 2, masks.mask)
+        out["loss"] = out["loss"] + self.weight * loss_teacher
+        out["loss_teacher"] = loss_teacher
+        return out
+
+    def momentum_at(self, progress: float) -> float:
+        return ema_momentum(progress, self.momentum, self.momentum_end, self.schedule)
+
+    def after_step(self, progress: float) -> None:
+        """EMA update once per optimizer step, with the momentum at the post-step progress."""
+        self.base.after_step(progress)
+        ema_update_(self.teacher, self.model, self.momentum_at(progress))
+
+    def eval_model(self) -> MaskedAutoencoderViT:
+        """The teacher by default (RC-MAE evaluates the teacher), else the student."""
+        return self.teacher if self.eval_weights == "teacher" else self.model

@@ -1,0 +1,72 @@
+import importlib.util
+import json
+
+import pytest
+
+from mimkit import bench
+from mimkit.cli import main
+
+TINY = ["--arch", "vit_tiny_small_images", "--img-size", "16", "--in-chans", "1", "--batch-size", "2",
+        "--warmup", "0", "--iters", "1", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2"]
+HAS_HF = importlib.util.find_spec("transformers") is not None
+
+
+def test_bench_cli_writes_json_and_compares(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--impl", "mimkit", "hf", "--in-process", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["spec"]["arch"] == "vit_tiny_small_images" and report["spec"]["iters"] == 1
+    assert {"torch", "timm", "python"} <= set(report["environment"])
+    rows = {r["impl"]: r for r in report["results"]}
+    ours = rows["mimkit"]
+    for key in ("ms_per_step", "images_per_s", "peak_mem_mib", "flops_per_step", "achieved_tflops",
+                "first_loss", "trainable_params", "step_times_ms", "cpu_s_per_step"):
+        assert key in ours, key
+    assert ours["flops_per_step"] > 0 and ours["images_per_s"] > 0 and len(ours["step_times_ms"]) == 1
+    table = capsys.readouterr().out
+    assert "| mimkit |" in table
+    if HAS_HF:
+        hf = rows["hf"]
+        # same weights, inputs and noise: same loss, same work
+        assert hf["first_loss"] == pytest.approx(ours["first_loss"], rel=1e-5)
+        assert hf["trainable_params"] == ours["trainable_params"]
+        assert hf["flops_per_step"] == pytest.approx(ours["flops_per_step"], rel=0.02)
+        assert report["ratios_mimkit_over"]["hf"]["throughput"] > 0
+        assert "| hf |" in table
+    else:
+        assert "transformers" in report["skipped"]["hf"]
+
+
+def test_each_implementation_runs_in_its_own_process(tmp_path):
+    spec = bench.spec_from_args(bench_args(TINY))
+    report = bench.run_bench(spec, ("mimkit",), log=lambda msg: None)
+    (row,) = report["results"]
+    assert row["impl"] == "mimkit" and row["peak_mem_mib"] is not None and row["images_per_s"] > 0
+    assert report["isolation"].startswith("one subprocess")
+
+
+def bench_args(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_skip_reasons_and_peak_lookup():
+    spec = bench.BenchSpec(method="emae")
+    assert "plain MAE" in bench.skip_reason("hf", spec) and bench.skip_reason("mimkit", spec) is None
+    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.gpu_peak_tflops("NVIDIA GH200 480GB") == 989.0
+    assert bench.gpu_peak_tflops("Some GPU") is None
+
+
+def test_flop_counter_counts_cpu_attention():
+    torch = pytest.importorskip("torch")
+    q = torch.randn(2, 3, 10, 8, requires_grad=True)
+    with bench.flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    # torch's flash-attention formulas: 2 products forward, 5 backward (scores recomputed),
+    # each 2·(b·h)·s·s·d FLOPs; without the CPU mapping this would be 0
+    assert counter.get_total_flops() == 7 * (2 * 2 * 3 * 10 * 10 * 8)
