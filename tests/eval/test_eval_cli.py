@@ -48,3 +48,15 @@ def test_foreign_checkpoint_needs_config(tiny_cfg, tmp_path, capsys):
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "official.pth"),
                  "--config", str(tmp_path / "tiny.yaml")]) == 2
     assert "in_chans" in capsys.readouterr().err
+
+
+def test_saved_config_with_stale_keys_still_evaluates(tmp_path, tiny_cfg, save_ckpt, caplog):
+    from mimkit.engine.checkpoint import atomic_save, load_file
+
+    ckpt = tmp_path / "old.pt"
+    save_ckpt(ckpt, tiny_cfg)
+    state = load_file(ckpt)
+    state["config"]["emae"]["sc_warmup_epochs"] = 0.0  # an option renamed since
+    atomic_save(state, ckpt)
+    assert main(["eval", "knn", "--checkpoint", str(ckpt)]) == 0
+    assert "emae.sc_warmup_epochs" in caplog.text
