@@ -84,3 +84,12 @@ def make_cfg():
 def save_ckpt():
     """``save_ckpt(path, cfg, seed=0, teacher_seed=None)`` writes a trainer-style checkpoint."""
     return save_mimkit_checkpoint
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; more threads only contend on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,13 +11,7 @@ from mimkit.eval.consistency import prediction_consistency
 from mimkit.masking import random_masking
 from mimkit.models.mae import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny():

@@ -32,12 +32,8 @@ def smooth_images(batch: int, seed: int = 0, size: int = 16) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads only contend on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _objectives_on_one_thread(one_thread):
+    """Every objective test runs on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture
