@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
+STUDY ?= runs/study
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint study clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +17,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup
 	$(BIN)/mimkit demo --out $(OUT)
+
+# The methods compared on Fashion-MNIST (~1.5-2 h on 2 CPU cores; re-running resumes), then
+# docs/RESULTS.md and its plots from the run folders.
+study: setup
+	$(BIN)/mimkit study --config fmnist_study --out $(STUDY)
+	$(BIN)/mimkit report --study $(STUDY) --out docs/RESULTS.md
 
 test: setup
 	$(BIN)/python -m pytest

@@ -86,6 +86,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from mimkit.study import run_study
+
+    index = run_study(args.config, args.out, args.budget, args.overrides)
+    print(f"study index: {index}\nwrite the report with: mimkit report --study {args.out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mimkit.report import write_report
+
+    print(f"wrote {write_report(args.study, args.out)}")
+
+
 def cmd_make_shards(args: argparse.Namespace) -> None:
     from mimkit.data.shards import write_shards
 
@@ -161,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("study", help="compare the methods on real data (cached, resumable)")
+    p.add_argument("--config", default="fmnist_study", help="study preset or YAML file")
+    p.add_argument("--out", default="runs/study", help="study folder (re-running it resumes)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="scale pre-training and fine-tuning steps (e.g. 0.1 for a quick look)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (study.seeds=[0], train.batch_size=128)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="write RESULTS.md and its plots from a study folder")
+    p.add_argument("--study", default="runs/study", help="study folder")
+    p.add_argument("--out", default="docs/RESULTS.md", help="markdown file (plots go beside it)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("make-shards", help="write an image folder to WebDataset-style tar shards")
     p.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
     p.add_argument("--out", required=True, help="shard name pattern, e.g. shards/shard-%%06d.tar")
@@ -192,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: {e}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
-        print("mimkit: interrupted; resume with --resume", file=sys.stderr)
+        hint = "run the same command again" if args.command == "study" else "resume with --resume"
+        print(f"mimkit: interrupted; {hint}", file=sys.stderr)
         return 130
     return 0
 

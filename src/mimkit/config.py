@@ -237,7 +237,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+def merge_into(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for name, value in updates.items():
@@ -251,7 +251,7 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
-            _merge(current, value, key + ".")
+            merge_into(current, value, key + ".")
         else:
             setattr(obj, name, _coerce(value, hints[name], key))
 
@@ -316,9 +316,9 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple =
     """Defaults ⊕ preset/file ⊕ ``key=value`` overrides, validated."""
     cfg = Config()
     if source is not None:
-        _merge(cfg, read_yaml(source))
+        merge_into(cfg, read_yaml(source))
     for text in overrides:
-        _merge(cfg, parse_override(text))
+        merge_into(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
@@ -326,9 +326,9 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple =
 def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
     """A saved config (e.g. a run's ``config.yaml``) plus ``key=value`` overrides, validated."""
     cfg = Config()
-    _merge(cfg, data)
+    merge_into(cfg, data)
     for text in overrides:
-        _merge(cfg, parse_override(text))
+        merge_into(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
