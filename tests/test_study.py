@@ -42,7 +42,7 @@ def test_plan_runs_and_evaluations(study_dir):
     cal = next(iter(index["calibration"].values()))
     steps = round(cal["reference_s"] / cal["s_per_step"]["emae"])
     assert runs["emae-time1-s0"]["steps"] == max(1, steps)
-    for label, info in runs.items():
+    for info in runs.values():
         evals = json.loads((study_dir / info["dir"] / "study_eval.json").read_text())
         if info["pretrained"]:
             assert {"knn_lf0.5", "knn_lf1"} <= set(evals)
@@ -50,6 +50,8 @@ def test_plan_runs_and_evaluations(study_dir):
             assert any(k.startswith("consistency") for k in evals)
             assert 0.0 <= evals["knn_lf1"]["value"] <= 1.0
             assert evals["knn_lf0.5"]["bank_size"] == 30  # class-balanced half of 64 images, 10 classes
+    rc = json.loads((study_dir / runs["rcmae-epochs-s0"]["dir"] / "study_eval.json").read_text())
+    assert {"student_knn_lf1", "student_knn_lf0.5"} <= set(rc)  # the teacher's student, too
     scratch = json.loads((study_dir / runs["scratch-s0"]["dir"] / "study_eval.json").read_text())
     assert {k.split("_s")[0] for k in scratch} == {"finetune_lf0.5", "finetune_lf1"}
     seed1 = json.loads((study_dir / runs["emae-time1-s1"]["dir"] / "study_eval.json").read_text())
@@ -75,7 +77,12 @@ def test_interrupted_run_resumes(study_dir, monkeypatch):
     import mimkit.engine.trainer as trainer
 
     real = trainer.pretrain
-    monkeypatch.setattr(trainer, "pretrain", lambda cfg, r, resume=False, **kw: calls.append(resume) or real(cfg, r, resume, **kw))
+
+    def spy(cfg, r, resume=False, **kw):
+        calls.append(resume)
+        return real(cfg, r, resume, **kw)
+
+    monkeypatch.setattr(trainer, "pretrain", spy)
     scfg, base = load_study("fmnist_study", TINY_STUDY)
     Study(scfg, base, study_dir, budget=0.5).run()
     assert calls == [True] and (run / "done.json").exists()
@@ -88,6 +95,7 @@ def test_report_page_and_plots(study_dir, tmp_path):
         assert heading in text
     assert "EMAE reaches MAE's quality" in text and "→ **" in text
     assert "(n=2)" in text  # two seeds of the headline pair
+    assert "RC-MAE (student)" in text and "RC-MAE (teacher)" in text
     for png in ("accuracy_vs_time.png", "loss_curves.png", "recon_mae.png", "recon_emae.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
     assert "torch " in text and "Hardware" in text

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
+        if args.command == "study":
+            e = f"{e.args[0].split('; continue')[0]}; run the same study command again to resume"
         print(f"mimkit: {e}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ stated versions and hardware — so the page is regenerated, never edited.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +27,12 @@ class Run:
     train_s: float
     dir: Path
     evals: dict = field(default_factory=dict)
+    weights: str = ""  # "" (the evaluation weights) or "student_" (a teacher method's student)
 
     def metric(self, kind: str, fraction: float | None = None) -> float | None:
         """The run's result for ``kind`` (knn | linprobe | finetune | consistency) at ``fraction``;
         the newest matching entry when settings changed between study runs."""
-        prefix = kind if fraction is None else f"{kind}_lf{fraction:g}"
+        prefix = self.weights + (kind if fraction is None else f"{kind}_lf{fraction:g}")
         hits = [v for k, v in self.evals.items() if k == prefix or k.startswith(prefix + "_")]
         return hits[-1]["value"] if hits else None
 
@@ -301,14 +303,40 @@ def _setup_lines(index: dict, env: dict, cal: dict, runs: dict[str, Run]) -> lis
     return out
 
 
+def student_of(run: Run) -> Run | None:
+    """The student view of a teacher-method run (its ``student_`` evaluations), if it has one."""
+    if run.weights or not any(k.startswith("student_") for k in run.evals):
+        return None
+    return dataclasses.replace(run, weights="student_")
+
+
+def homologous_line(run: Run) -> str:
+    """MixedAE's homologous recognition during pre-training, against chance (1/r)."""
+    from mimkit.config import config_from_dict
+    from mimkit.engine.logging import read_metrics
+    from mimkit.study import yaml_load
+
+    cfg = config_from_dict(yaml_load(run.dir / "config.yaml"))
+    ways = cfg.mixedae.ways or round(1 / (1 - cfg.mask_ratio))  # default: r = K
+    acc = [r["acc_homologous"] for r in read_metrics(run.dir) if isinstance(r.get("acc_homologous"), float)]
+    if not acc:
+        return "MixedAE homologous recognition: not logged."
+    k = max(1, min(10, len(acc) // 10))
+    return (f"MixedAE homologous recognition (fraction of the top-k attention keys that come from the "
+            f"query's own image, mean over the homologous blocks): {statistics.fmean(acc[:k]):.3f} over the "
+            f"first {k} logged steps → {statistics.fmean(acc[-k:]):.3f} over the last {k}; chance is "
+            f"1/r = {1 / ways:.3f}.")
+
+
 def _table(runs: list[Run], fractions: list[float]) -> list[str]:
     fr = [f"{f:.0%}" for f in fractions]
     head = ["method", "steps", "pre-train min"] + [f"k-NN {f}" for f in fr] + [f"probe {f}" for f in fr] \
         + [f"fine-tune {f}" for f in fr] + ["consistency ↓"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in runs:
+    for r in [x for run in runs for x in (run, student_of(run)) if x is not None]:
         c = r.metric("consistency")
-        cells = [name(r.method), str(r.steps), f"{r.train_s / 60:.1f}"] \
+        title = name(r.method) + (" (student)" if r.weights else " (teacher)" if student_of(r) else "")
+        cells = [title, str(r.steps), f"{r.train_s / 60:.1f}"] \
             + [pct(r.metric("knn", f)) for f in fractions] + [pct(r.metric("linprobe", f)) for f in fractions] \
             + [pct(r.metric("finetune", f)) for f in fractions] + ["–" if c is None else f"{c:.4f}"]
         rows.append("| " + " | ".join(cells) + " |")
@@ -364,8 +392,9 @@ def _claim_lines(runs: dict[str, Run], methods: list[str], seeds: list[int], low
                        f"(difference {scale * diff:+.{4 if scale == 1 else 2}f}{unit}; {n}) → **{verdict}**")
         return out + [""]
 
-    def one(label: str, kind: str, f: float | None) -> list[float]:
+    def one(label: str, kind: str, f: float | None, student: bool = False) -> list[float]:
         r = runs.get(label)
+        r = student_of(r) if r is not None and student else r
         v = r.metric(kind, f) if r else None
         return [] if v is None else [v]
 
@@ -389,7 +418,10 @@ def _claim_lines(runs: dict[str, Run], methods: list[str], seeds: list[int], low
         (f"k-NN, {top:.0%} labels (seed {s0})", one(f"rcmae-time{wall_frac:g}-s{s0}", "knn", top),
          one(f"mae-epochs-s{s0}", "knn", top), "knn", True),
         (f"linear probe, {top:.0%} labels (seed {s0})", one(f"rcmae-time{wall_frac:g}-s{s0}", "linprobe", top),
-         one(f"mae-epochs-s{s0}", "linprobe", top), "linprobe", True)])
+         one(f"mae-epochs-s{s0}", "linprobe", top), "linprobe", True),
+        (f"k-NN, {top:.0%} labels, RC-MAE's student (seed {s0})",
+         one(f"rcmae-time{wall_frac:g}-s{s0}", "knn", top, student=True), one(f"mae-epochs-s{s0}", "knn", top),
+         "knn", True)])
     extra = f" Measured cost per step: ×{cost['mixedae']:.2f} of MAE's." if "mixedae" in cost else ""
     lines += line(f"4. MixedAE improves on MAE at about 3% extra cost (matched epochs).{extra}", [
         (f"k-NN, {top:.0%} labels (seed {s0})", one(f"mixedae-epochs-s{s0}", "knn", top),
@@ -402,6 +434,9 @@ def _claim_lines(runs: dict[str, Run], methods: list[str], seeds: list[int], low
                   f"(fine-tuning, {low:.0%} labels).", [
                       ("MAE vs scratch", mae("finetune", low), _seed_values(runs, "scratch", seeds, "finetune", low),
                        "finetune", True)])
+    mixed = runs.get(f"mixedae-epochs-s{s0}")
+    if mixed is not None:
+        lines += [homologous_line(mixed), ""]
     if cost:
         lines.append("Step cost relative to MAE (median seconds per step, this hardware): "
                      + ", ".join(f"{name(m)} ×{c:.2f}" for m, c in cost.items()) + ".")

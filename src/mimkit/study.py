@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -177,13 +178,14 @@ class Study:
         return len(build_dataset(b.data.name, b.data.root, split, None, synthetic_size=b.data.synthetic_size,
                                  img_size=b.model.img_size, in_chans=b.model.in_chans, seed=0))
 
+    @functools.cached_property
     def steps_per_epoch(self) -> int:
         return max(1, self.split_size("train") // (self.base.train.batch_size * self.base.train.accum_iter))
 
     def run_config(self, method: str, seed: int, steps: int) -> Config:
         cfg = copy.deepcopy(self.base)
         cfg.method, cfg.train.seed, cfg.train.max_steps = method, seed, steps
-        cfg.train.warmup_epochs = self.s.warmup * steps / self.steps_per_epoch()
+        cfg.train.warmup_epochs = self.s.warmup * steps / self.steps_per_epoch
         cfg.train.checkpoint_every = min(cfg.train.checkpoint_every, max(1, steps))
         cfg.train.knn_every = 0
         validate(cfg)
@@ -255,28 +257,35 @@ class Study:
 
     def frozen_evals(self, run: Path) -> None:
         """k-NN and linear probe at every label fraction from one feature extraction, and the
-        prediction-consistency metric."""
+        prediction-consistency metric; for teacher methods (RC-MAE) of both the teacher (the
+        default evaluation weights) and the student, under keys prefixed ``student_``."""
         cfg = config_from_dict(yaml_load(run / "config.yaml"))
-        e = cfg.eval
-        keys = [f"knn_lf{f:g}" for f in self.s.label_fractions] + [f"linprobe_lf{f:g}" for f in self.s.label_fractions]
-        probe_tag = hashlib.sha1(json.dumps(dataclasses.asdict(e.linprobe), sort_keys=True).encode()).hexdigest()[:6]
-        keys = [k + (f"_{probe_tag}" if k.startswith("linprobe") else "") for k in keys]
+        self._frozen_evals(run, cfg, "auto", "")
+        if "rcmae" in method_parts(cfg.method):
+            self._frozen_evals(run, cfg, "student", "student_")
+
+    def _frozen_evals(self, run: Path, cfg: Config, weights: str, prefix: str) -> None:
+        probe_tag = hashlib.sha1(json.dumps(dataclasses.asdict(cfg.eval.linprobe), sort_keys=True).encode())
+        probe_tag = probe_tag.hexdigest()[:6]
+        fractions = self.s.label_fractions
+        keys = [f"{prefix}knn_lf{f:g}" for f in fractions]
+        keys += [f"{prefix}linprobe_lf{f:g}_{probe_tag}" for f in fractions]
         stored = run / "study_eval.json"
         have = json.loads(stored.read_text()) if stored.exists() else {}
-        feats = None if all(k in have for k in keys) else self._features(run, cfg)
-        for f in self.s.label_fractions:
-            self._cached(run, f"knn_lf{f:g}", lambda f=f: self._knn(feats, cfg, f))
-            self._cached(run, f"linprobe_lf{f:g}_{probe_tag}", lambda f=f: self._probe(feats, cfg, f))
+        feats = None if all(k in have for k in keys) else self._features(run, cfg, weights)
+        for f in fractions:
+            self._cached(run, f"{prefix}knn_lf{f:g}", lambda f=f: self._knn(feats, cfg, f))
+            self._cached(run, f"{prefix}linprobe_lf{f:g}_{probe_tag}", lambda f=f: self._probe(feats, cfg, f))
         n, r = self.s.consistency_images, self.s.consistency_masks
-        self._cached(run, f"consistency_n{n}_r{r}", lambda: self._consistency(run, cfg, n, r))
+        self._cached(run, f"{prefix}consistency_n{n}_r{r}", lambda: self._consistency(run, cfg, n, r, weights))
 
-    def _features(self, run: Path, cfg: Config) -> dict:
+    def _features(self, run: Path, cfg: Config, weights: str = "auto") -> dict:
         from torch.utils.data import DataLoader
 
         import mimkit
         from mimkit.eval.knn import eval_dataset, extract_features
 
-        model = mimkit.load_model(self._checkpoint(run)).to(self.device)
+        model = mimkit.load_model(self._checkpoint(run), weights=weights).to(self.device)
         kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
         out = {}
         for split in ("train", "test"):
@@ -322,12 +331,12 @@ class Study:
         return {"metric": "linprobe_top1", "value": head_accuracy(head, fte[:, cols], lte),
                 "train_size": len(idx), "feature": p.feature, **stats}
 
-    def _consistency(self, run: Path, cfg: Config, n: int, r: int) -> dict:
+    def _consistency(self, run: Path, cfg: Config, n: int, r: int, weights: str = "auto") -> dict:
         import mimkit
         from mimkit.eval.consistency import prediction_consistency
         from mimkit.eval.knn import eval_dataset
 
-        model = mimkit.load_model(self._checkpoint(run)).to(self.device)
+        model = mimkit.load_model(self._checkpoint(run), weights=weights).to(self.device)
         ds = eval_dataset(cfg, "test", max_samples=n, seed=0)
         imgs = torch.stack([ds[i][0] for i in range(len(ds))])
         res = prediction_consistency(model, imgs, num_masks=r, seed=0, batch_size=cfg.eval.batch_size)
@@ -395,7 +404,7 @@ class Study:
         setup_logging()
         self.device = pick_device(self.base.train.device)
         s, seed0 = self.s, self.s.seeds[0]
-        spe = self.steps_per_epoch()
+        spe = self.steps_per_epoch
         epoch_steps = max(1, round(s.epochs * spe * self.budget))
         self.index.update(
             study=dataclasses.asdict(s), budget=self.budget, source=self.source, steps_per_epoch=spe,
