@@ -71,3 +71,24 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path, tiny_overrid
     got, want = losses(run), losses(tmp_path / "ref")
     assert sorted(got) == list(range(1, 121))
     assert all(got[s] == want[s] for s in range(1, 121))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tiny_overrides):
+    """Schedulers such as SLURM signal every process of the job: the DataLoader workers must
+    survive until the main process has written its checkpoint."""
+    common = [*tiny_overrides, "data.num_workers=1", "train.max_steps=400", "train.checkpoint_every=1000"]
+    run = tmp_path / "pg"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*mimkit_cmd(1), "pretrain", "--out", str(run), *common], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM received" in err
+    (stopped, _), = list_checkpoints(run)
+    assert 3 <= stopped < 400

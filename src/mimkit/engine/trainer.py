@@ -113,6 +113,16 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the preemption signals, so a scheduler that
+    signals the whole process group (SLURM, ``kill -TERM -PGID``) does not kill them before the
+    main process has written its checkpoint (the main process shuts them down itself)."""
+    for name in StopSignal.SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 @torch.no_grad()
 def save_reconstructions(model, cfg: Config, path: Path, num: int = 8) -> Path:
     """Reconstruction grid of the first test images with fixed masks (see mimkit.viz)."""
@@ -226,7 +236,7 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
             loader = DataLoader(
                 dataset, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                 pin_memory=device.type == "cuda", drop_last=True,
-                prefetch_factor=4 if cfg.data.num_workers else None,
+                prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
             )
             sums: dict[str, torch.Tensor] = {}
             micro, data_time, last_log_step = 0, 0.0, step
