@@ -126,3 +126,26 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["study", "--config", "nope", "--out", str(tmp_path)]) == 2
     assert "no study preset" in capsys.readouterr().err
     assert main(["study", "--budget", "0", "--out", str(tmp_path), *TINY_STUDY]) == 2
+
+
+def test_evaluation_settings_do_not_change_the_run():
+    from mimkit.study import config_hash
+
+    _, base = load_study("fmnist_study", TINY_STUDY)
+    _, other_eval = load_study("fmnist_study", [*TINY_STUDY, "eval.finetune.blr=0.01", "data.num_workers=2"])
+    _, other_train = load_study("fmnist_study", [*TINY_STUDY, "train.blr=0.01"])
+    assert config_hash(base) == config_hash(other_eval)
+    assert config_hash(base) != config_hash(other_train)
+
+
+def test_renamed_run_folder_is_found_by_its_config(study_dir):
+    scfg, base = load_study("fmnist_study", TINY_STUDY)
+    study = Study(scfg, base, study_dir, budget=0.5)
+    cfg = study.run_config("mae", 0, 4)
+    run = study.find_run(cfg)
+    moved = run.with_name("mae-s0-oldhash")
+    run.rename(moved)
+    try:
+        assert study.find_run(cfg) == moved
+    finally:
+        moved.rename(run)

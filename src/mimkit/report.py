@@ -125,6 +125,7 @@ def plot_loss_curves(runs: list[Run], path: Path) -> Path:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    lows, finals = [], []
     for r in runs:
         cfg = config_from_dict(yaml_load(r.dir / "config.yaml"))
         batch = cfg.train.batch_size * cfg.train.accum_iter
@@ -140,6 +141,11 @@ def plot_loss_curves(runs: list[Run], path: Path) -> Path:
         k = max(1, len(ys) // 60)  # a running mean keeps the curves readable
         smooth = [statistics.fmean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
         ax.plot(xs, smooth, lw=1.2, label=f"{name(r.method)} ({r.budget}, {r.steps} steps)")
+        if smooth:
+            lows.append(min(smooth))
+            finals.append(smooth[-1])
+    if finals:  # zoom on the part where the methods differ; the first steps go far above
+        ax.set_ylim(0.95 * min(lows), 1.6 * max(finals))
     ax.set_xlabel("pre-training wall-clock (min)")
     ax.set_ylabel("reconstruction loss (norm-pix MSE)")
     ax.grid(alpha=0.3)

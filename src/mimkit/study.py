@@ -103,9 +103,27 @@ def validate_study(s: StudyConfig) -> None:
         raise ConfigError(f"study.consistency_masks: must be >= 2, got {s.consistency_masks}")
 
 
+# Config keys that do not change what a pre-training run computes (evaluation settings come from
+# the study, bookkeeping only decides how often things are written).
+NOT_PRETRAINING = ("eval", "data.num_workers", "train.checkpoint_every", "train.keep_checkpoints",
+                   "train.log_every", "train.vis_every", "train.knn_every")
+
+
+def pretraining_key(cfg: Config) -> dict:
+    """The part of a config that defines a pre-training run's result."""
+    d = to_dict(cfg)
+    for key in NOT_PRETRAINING:
+        *parents, last = key.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node.pop(last, None)
+    return d
+
+
 def config_hash(cfg: Config) -> str:
-    """A short digest of everything that defines a run (its full config)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True)
+    """A short digest of :func:`pretraining_key` (changing evaluation settings keeps the runs)."""
+    text = json.dumps(pretraining_key(cfg), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -191,13 +209,32 @@ class Study:
         validate(cfg)
         return cfg
 
+    def find_run(self, cfg: Config) -> Path:
+        """The folder of ``cfg``'s pre-training run: named by method, seed and config hash (two
+        budgets that come out equal share a run); a folder of the same method and seed whose saved
+        config has the same pre-training settings is reused whatever its name."""
+        run = self.out / "runs" / f"{cfg.method}-s{cfg.train.seed}-{config_hash(cfg)}"
+        if run.exists():
+            return run
+        key = pretraining_key(cfg)
+        for other in sorted((self.out / "runs").glob(f"{cfg.method}-s{cfg.train.seed}-*")):
+            saved = other / "config.yaml"
+            if saved.exists() and pretraining_key(config_from_dict(yaml_load(saved))) == key:
+                return other
+        return run
+
+    def eval_config(self, run: Path) -> Config:
+        """The run's saved config with the study's evaluation settings."""
+        cfg = config_from_dict(yaml_load(run / "config.yaml"))
+        cfg.eval = copy.deepcopy(self.base.eval)
+        return cfg
+
     # --- pre-training ------------------------------------------------------------------------
     def pretrain(self, label: str, cfg: Config, budget_kind: str, budget_value: float) -> Path:
         from mimkit.engine.checkpoint import list_checkpoints
         from mimkit.engine.trainer import pretrain
 
-        # Named by method, seed and config hash only: two budgets that come out equal share a run.
-        run = self.out / "runs" / f"{cfg.method}-s{cfg.train.seed}-{config_hash(cfg)}"
+        run = self.find_run(cfg)
         done = run / "done.json"
         if not done.exists():
             t0 = time.perf_counter()
@@ -259,7 +296,7 @@ class Study:
         """k-NN and linear probe at every label fraction from one feature extraction, and the
         prediction-consistency metric; for teacher methods (RC-MAE) of both the teacher (the
         default evaluation weights) and the student, under keys prefixed ``student_``."""
-        cfg = config_from_dict(yaml_load(run / "config.yaml"))
+        cfg = self.eval_config(run)
         self._frozen_evals(run, cfg, "auto", "")
         if "rcmae" in method_parts(cfg.method):
             self._frozen_evals(run, cfg, "student", "student_")
@@ -346,7 +383,7 @@ class Study:
         """Fine-tune the run's encoder (or a fresh one for a scratch run) on ``fraction`` of the labels
         for ``study.finetune_steps`` steps (warm-up a fixed fraction of them)."""
         steps = max(1, round(self.s.finetune_steps * self.budget))
-        cfg = config_from_dict(yaml_load(run / "config.yaml")) if pretrained else copy.deepcopy(self.base)
+        cfg = self.eval_config(run) if pretrained else copy.deepcopy(self.base)
         cfg.train.seed = seed
         cfg.data.label_fraction = fraction
         f = cfg.eval.finetune
