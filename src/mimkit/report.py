@@ -231,6 +231,7 @@ def write_report(study: str | Path = "runs/study", out: str | Path = "docs/RESUL
         "",
         *_table(matched, fractions),
         "",
+        *_finetune_caveat(matched, fractions, s),
         f"## Matched wall-clock ({wall_frac:g} × MAE's matched-epoch time, seed {seed0})",
         "",
         *_table(timed, fractions),
@@ -291,8 +292,9 @@ def _setup_lines(index: dict, env: dict, cal: dict, runs: dict[str, Run]) -> lis
         f"{base['eval']['feature']} features, bank = the labelled subset of the train images) and "
         f"linear probe ({base['eval']['linprobe']['optimizer']}, {base['eval']['linprobe']['epochs']} "
         f"epochs on cached cls features) at {', '.join(f'{f:.0%}' for f in s['label_fractions'])} of "
-        f"the labels; fine-tuning {s['finetune_steps']} steps (batch "
-        f"{base['eval']['finetune']['batch_size']}, layer decay {base['eval']['finetune']['layer_decay']}) "
+        f"the labels; fine-tuning {s['finetune_steps']} steps (AdamW, batch "
+        f"{base['eval']['finetune']['batch_size']}, blr {base['eval']['finetune']['blr']:g}, layer decay "
+        f"{base['eval']['finetune']['layer_decay']}, warm-up {s['finetune_warmup']:.0%}, then cosine) "
         f"at each fraction; prediction consistency = mean squared disagreement of predictions of the "
         f"same masked patch under {s['consistency_masks']} random masks, {s['consistency_images']} test images "
         "(lower = more consistent). Accuracies are top-1 (%) on the whole test split.",
@@ -332,6 +334,21 @@ def homologous_line(run: Run) -> str:
             f"query's own image, mean over the homologous blocks): {statistics.fmean(acc[:k]):.3f} over the "
             f"first {k} logged steps → {statistics.fmean(acc[-k:]):.3f} over the last {k}; chance is "
             f"1/r = {1 / ways:.3f}.")
+
+
+def _finetune_caveat(runs: list[Run], fractions: list[float], s: dict) -> list[str]:
+    """A computed warning when the short fine-tuning budget ends below the linear probe."""
+    below = [(r, f) for r in runs for f in fractions
+             if (ft := r.metric("finetune", f)) is not None and (lp := r.metric("linprobe", f)) is not None
+             and ft < lp]
+    if not below:
+        return []
+    r, f = below[0]
+    return [f"Note: with {s['finetune_steps']} fine-tuning steps, fine-tuning ends below the linear probe "
+            f"in {len(below)} of these cells (e.g. {name(r.method)} at {f:.0%} labels: "
+            f"{pct(r.metric('finetune', f))} vs {pct(r.metric('linprobe', f))}). The fine-tuning columns "
+            "compare starting points under a short, equal budget — not the converged recipe, which "
+            "needs far more steps than this study can afford on a CPU.", ""]
 
 
 def _table(runs: list[Run], fractions: list[float]) -> list[str]:
