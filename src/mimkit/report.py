@@ -119,21 +119,15 @@ def plot_accuracy_vs_time(runs: list[Run], fractions: list[float], path: Path) -
 
 def plot_loss_curves(runs: list[Run], path: Path) -> Path:
     """Reconstruction loss (``loss_rec``: the term every method shares) against wall-clock."""
-    from mimkit.config import config_from_dict
-    from mimkit.engine.logging import read_metrics
-    from mimkit.study import yaml_load
+    from mimkit.study import timed_steps
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     lows, finals = [], []
     for r in runs:
-        cfg = config_from_dict(yaml_load(r.dir / "config.yaml"))
-        batch = cfg.train.batch_size * cfg.train.accum_iter
-        t, prev, xs, ys = 0.0, 0, [], []
-        for row in read_metrics(r.dir):
-            if isinstance(row.get("images_per_s"), float) and row["images_per_s"] > 0:
-                t += batch * (row["step"] - prev) / row["images_per_s"]
-            prev = row["step"]
+        t, xs, ys = 0.0, [], []
+        for row, seconds, _ in timed_steps(r.dir):
+            t += seconds
             value = row.get("loss_rec", row.get("loss"))
             if isinstance(value, float):
                 xs.append(t / 60)
@@ -161,11 +155,10 @@ def save_reconstructions(runs: list[Run], out_dir: Path) -> dict[str, Path]:
     import torch
 
     import mimkit
-    from mimkit.config import config_from_dict
     from mimkit.data import stats_for
     from mimkit.engine.checkpoint import list_checkpoints
     from mimkit.eval.knn import eval_dataset
-    from mimkit.study import yaml_load
+    from mimkit.study import saved_config
     from mimkit.viz import save_reconstruction_grid
 
     paths = {}
@@ -173,7 +166,7 @@ def save_reconstructions(runs: list[Run], out_dir: Path) -> dict[str, Path]:
         ckpts = list_checkpoints(r.dir)
         if not ckpts:
             continue
-        cfg = config_from_dict(yaml_load(r.dir / "config.yaml"))
+        cfg = saved_config(r.dir)
         model = mimkit.load_model(ckpts[-1][1])
         test = eval_dataset(cfg, "test")
         imgs = torch.stack([test[i][0] for i in range(6)])
@@ -320,11 +313,10 @@ def student_of(run: Run) -> Run | None:
 
 def homologous_line(run: Run) -> str:
     """MixedAE's homologous recognition during pre-training, against chance (1/r)."""
-    from mimkit.config import config_from_dict
     from mimkit.engine.logging import read_metrics
-    from mimkit.study import yaml_load
+    from mimkit.study import saved_config
 
-    cfg = config_from_dict(yaml_load(run.dir / "config.yaml"))
+    cfg = saved_config(run.dir)
     ways = cfg.mixedae.ways or round(1 / (1 - cfg.mask_ratio))  # default: r = K
     acc = [r["acc_homologous"] for r in read_metrics(run.dir) if isinstance(r.get("acc_homologous"), float)]
     if not acc:

@@ -127,43 +127,46 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def train_seconds(run_dir: Path) -> float:
-    """Pre-training wall-clock of a run, summed over its logged steps (each row's images/s covers
-    the steps since the previous row: data loading and compute, not checkpoints or images), so
-    an interrupted and resumed run counts only the steps it kept."""
+def saved_config(run_dir: Path) -> Config:
+    """A run folder's saved ``config.yaml``."""
+    import yaml
+
+    return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def timed_steps(run_dir: Path) -> list[tuple[dict, float, int]]:
+    """``(metrics row, seconds, steps)`` of the steps each row covers, for every logged row with a speed: each
+    row's images/s covers the steps since the previous row (data loading and compute, not
+    checkpoints or images), so a resumed run counts only the steps it kept."""
     from mimkit.engine.logging import read_metrics
 
-    cfg = config_from_dict(yaml_load(run_dir / "config.yaml"))
+    cfg = saved_config(run_dir)
     batch = cfg.train.batch_size * cfg.train.accum_iter  # single-process runs
-    total, prev = 0.0, 0
+    out, prev = [], 0
     for row in read_metrics(run_dir):
-        if isinstance(row.get("images_per_s"), float) and row["images_per_s"] > 0:
-            total += batch * (row["step"] - prev) / row["images_per_s"]
+        speed = row.get("images_per_s")
+        seconds = batch * (row["step"] - prev) / speed if isinstance(speed, float) and speed > 0 else 0.0
+        out.append((row, seconds, row["step"] - prev))
         prev = row["step"]
-    return total
+    return out
+
+
+def train_seconds(run_dir: Path) -> float:
+    """Pre-training wall-clock of a run, summed over its logged steps."""
+    return sum(seconds for _, seconds, _ in timed_steps(run_dir))
 
 
 def seconds_per_step(run_dir: Path) -> float:
     """Median seconds per optimizer step of a run (robust to the first, slower steps)."""
-    from mimkit.engine.logging import read_metrics
-
-    cfg = config_from_dict(yaml_load(run_dir / "config.yaml"))
-    batch = cfg.train.batch_size * cfg.train.accum_iter
-    rows = read_metrics(run_dir)
-    times, prev = [], 0
-    for row in rows:
-        if isinstance(row.get("images_per_s"), float) and row["images_per_s"] > 0 and row["step"] > prev:
-            times.append(batch / row["images_per_s"])
-        prev = row["step"]
+    times = [seconds / steps for _, seconds, steps in timed_steps(run_dir) if seconds > 0]
     if not times:
         raise RuntimeError(f"{run_dir}: no timed steps in metrics.jsonl")
     return statistics.median(times)
 
 
-def yaml_load(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
+def settings_tag(obj) -> str:
+    """A short digest of a settings dataclass, to key cached evaluations."""
+    return hashlib.sha1(json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()).hexdigest()[:6]
 
 
 class Study:
@@ -219,13 +222,13 @@ class Study:
         key = pretraining_key(cfg)
         for other in sorted((self.out / "runs").glob(f"{cfg.method}-s{cfg.train.seed}-*")):
             saved = other / "config.yaml"
-            if saved.exists() and pretraining_key(config_from_dict(yaml_load(saved))) == key:
+            if saved.exists() and pretraining_key(saved_config(other)) == key:
                 return other
         return run
 
     def eval_config(self, run: Path) -> Config:
         """The run's saved config with the study's evaluation settings."""
-        cfg = config_from_dict(yaml_load(run / "config.yaml"))
+        cfg = saved_config(run)
         cfg.eval = copy.deepcopy(self.base.eval)
         return cfg
 
@@ -302,8 +305,7 @@ class Study:
             self._frozen_evals(run, cfg, "student", "student_")
 
     def _frozen_evals(self, run: Path, cfg: Config, weights: str, prefix: str) -> None:
-        probe_tag = hashlib.sha1(json.dumps(dataclasses.asdict(cfg.eval.linprobe), sort_keys=True).encode())
-        probe_tag = probe_tag.hexdigest()[:6]
+        probe_tag = settings_tag(cfg.eval.linprobe)
         fractions = self.s.label_fractions
         keys = [f"{prefix}knn_lf{f:g}" for f in fractions]
         keys += [f"{prefix}linprobe_lf{f:g}_{probe_tag}" for f in fractions]
@@ -391,7 +393,7 @@ class Study:
         batch = min(f.batch_size, n_labels)
         steps_per_epoch = max(1, n_labels // batch // f.accum_iter)
         f.max_steps, f.warmup_epochs, f.eval_every = steps, self.s.finetune_warmup * steps / steps_per_epoch, 0
-        tag = hashlib.sha1(json.dumps(dataclasses.asdict(f), sort_keys=True).encode()).hexdigest()[:6]
+        tag = settings_tag(f)
 
         def go() -> dict:
             from mimkit.eval.finetune import build_classifier, run_finetune
