@@ -117,6 +117,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: MIMKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train a ViT by masked image modeling")
@@ -204,25 +206,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimkit.config import ConfigError
-    from mimkit.engine.checkpoint import CheckpointError
-    from mimkit.engine.trainer import Preempted
+    import os
 
-    args = build_parser().parse_args(argv)
+    from mimkit.errors import MimkitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("MIMKIT_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileExistsError) as e:
+    except MimkitError as e:
+        if debug:
+            raise
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
-    except Preempted as e:
-        if args.command == "study":
-            e = f"{e.args[0].split('; continue')[0]}; run the same study command again to resume"
-        print(f"mimkit: {e}", file=sys.stderr)
-        return 0
     except KeyboardInterrupt:
         hint = "run the same command again" if args.command == "study" else "resume with --resume"
         print(f"mimkit: interrupted; {hint}", file=sys.stderr)
         return 130
+    except Exception as e:
+        from mimkit.engine.trainer import Preempted
+
+        if not isinstance(e, Preempted):
+            raise
+        msg = str(e)
+        if args.command == "study":
+            msg = f"{msg.split('; continue')[0]}; run the same study command again to resume"
+        print(f"mimkit: {msg}", file=sys.stderr)
+        return 0
     return 0
 
 

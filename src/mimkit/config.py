@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from mimkit.errors import MimkitError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class ConfigError(ValueError):
+class ConfigError(MimkitError, ValueError):
     """A config key or value that cannot be used."""
 
 

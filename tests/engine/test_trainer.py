@@ -7,6 +7,7 @@ from mimkit.config import load_config
 from mimkit.engine.checkpoint import CheckpointError, list_checkpoints, load_file, load_latest
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.trainer import NonFiniteLossError, pretrain
+from mimkit.errors import RunError
 
 
 def losses(run):
@@ -51,7 +52,7 @@ def test_run_folder_contents(tmp_path, tiny_overrides):
     assert {"loss", "lr", "grad_norm", "loss_rec"} <= set(rows[0])
     ckpt = load_file(list_checkpoints(run)[-1][1])
     assert ckpt["format"] == "mimkit-v1" and ckpt["norm_pix_loss"] is True
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         pretrain(load_config(None, tiny_overrides), run)
 
 

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimkit.errors import MimkitError
+
 log = logging.getLogger("mimkit")
 CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MimkitError, RuntimeError):
     """A checkpoint file that cannot be read."""
 
 

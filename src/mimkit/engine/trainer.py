@@ -31,6 +31,7 @@ from mimkit.engine.checkpoint import (
 from mimkit.engine.distributed import all_mean, any_rank, barrier, cleanup, init_distributed
 from mimkit.engine.logging import MetricLogger, setup_logging
 from mimkit.engine.schedule import warmup_cosine
+from mimkit.errors import RunError
 from mimkit.eval.knn import knn_monitor
 from mimkit.models import model_from_config
 from mimkit.objectives import build_objective
@@ -157,7 +158,7 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
         if cfg is None:
             raise ValueError("a config is needed to start a new run")
         if list_checkpoints(run):
-            raise FileExistsError(f"{run} already holds checkpoints; pass --resume to continue it")
+            raise RunError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
     t = cfg.train
     info, device = init_distributed(t.device)
     if info.is_main:
