@@ -339,9 +339,13 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as the YAML text saved in a run folder."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    Path(path).write_text(config_yaml(cfg))
 
 
 def method_parts(method: str) -> set[str]:

@@ -3,6 +3,8 @@
 The order of epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``. Global batch ``g`` is
 ``perm[g·G:(g+1)·G]`` with ``G = batch·world``; rank ``r`` takes the ``r``-th slice of it. So the
 same global batches are seen at any world size, and a run resumes mid-epoch by starting at ``g``.
+An epoch holds whole optimizer steps only (``accum_iter`` global batches each): the leftover
+batches are dropped, so no micro-batch of one step can spill into the next epoch.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ class ShardedEpochSampler(Sampler[int]):
 
     def __init__(
         self, n: int, batch_size: int, seed: int, epoch: int,
-        start_batch: int = 0, rank: int = 0, world_size: int = 1,
+        start_batch: int = 0, rank: int = 0, world_size: int = 1, accum_iter: int = 1,
     ) -> None:
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
         self.global_batch = batch_size * world_size
-        self.num_batches = n // self.global_batch  # incomplete last batch dropped
+        # incomplete last batch and incomplete last optimizer step dropped
+        self.num_batches = n // self.global_batch // accum_iter * accum_iter
 
     def __iter__(self) -> Iterator[int]:
         perm = epoch_permutation(self.n, self.seed, self.epoch)

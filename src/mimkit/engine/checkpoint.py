@@ -7,14 +7,14 @@ import logging
 import os
 import random
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, RunError
 
 log = logging.getLogger("mimkit")
 CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -25,17 +25,25 @@ class CheckpointError(MimkitError, RuntimeError):
 
 
 def _atomic_write(path: str | Path, write) -> None:
-    """Call ``write(f)`` on a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Call ``write(f)`` on a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the umask-respecting mode of any other new file (0644 by default), unlike
+    ``mkstemp``'s 0600, so colleagues on a shared cluster can read checkpoints and exports.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a read-only or lost mount: the old file is intact
+            raise RunError(f"cannot write {path}: {e.strerror or e}; free space or choose another "
+                           "output location") from None
         raise
 
 
@@ -79,9 +87,18 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``checkpoint-STEP.pt`` atomically and delete all but the newest ``keep``."""
+    """Write ``checkpoint-STEP.pt`` atomically and delete all but the newest ``keep``.
+
+    A failed write (a full disk, a lost mount) leaves the previous checkpoints as they were and
+    raises :class:`~mimkit.errors.RunError` naming the file and the fix.
+    """
     path = Path(run_dir) / f"checkpoint-{step:08d}.pt"
-    atomic_save(state, path)
+    try:
+        atomic_save(state, path)
+    except RunError as e:
+        previous = list_checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1][1].name} is intact" if previous else "no earlier checkpoint"
+        raise RunError(f"{e}, then --resume ({kept})") from None
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mimkit.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -27,7 +29,8 @@ class DistInfo:
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA when available, else CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("train.device=cuda but this machine has no usable CUDA device "
+                          f"(torch {torch.__version__}); use train.device=auto or train.device=cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -25,7 +25,7 @@ class MetricLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         if self.path.exists():  # keep exactly the history up to the checkpoint we resume from
             kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+                    if (row := _parse(ln)) is not None and row.get("step", 0) <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.writer = None
@@ -50,6 +50,23 @@ class MetricLogger:
             self.writer.close()
 
 
+def _parse(line: str) -> dict | None:
+    """One metrics line, or None for a blank or cut one (a kill during the write)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """One row per step, in step order. Rows of the same step are merged (a monitor adds
+    ``knn_top1`` to its step) and a later row wins, so a step re-run after a resume counts once;
+    a cut last line (a kill during the write) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        row = _parse(line)
+        if row is not None:
+            rows.setdefault(row.get("step", 0), {}).update(row)
+    return [rows[s] for s in sorted(rows)]

@@ -1,12 +1,14 @@
-"""The pre-training loop, explicit from top to bottom (STYLE §5).
+"""The pre-training loop, explicit from top to bottom.
 
-forward → backward → (accumulate) → clip → step → schedule → EMA → log → checkpoint.
+One iteration = one optimizer step: schedule → forward/backward over the step's micro-batches →
+clip → step → EMA → log → checkpoint → side work (k-NN monitor, reconstruction grid).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -14,14 +16,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.config import Config, config_from_dict, save_config, to_dict
+from mimkit.config import Config, config_from_dict, config_yaml, to_dict
 from mimkit.data.sampler import ShardedEpochSampler
 from mimkit.engine.checkpoint import (
+    atomic_write_text,
     list_checkpoints,
     load_latest,
     rng_state,
@@ -30,8 +34,9 @@ from mimkit.engine.checkpoint import (
 )
 from mimkit.engine.distributed import all_mean, any_rank, barrier, cleanup, init_distributed
 from mimkit.engine.logging import MetricLogger, setup_logging
+from mimkit.engine.rundir import RunLock, check_resume_compatible
 from mimkit.engine.schedule import warmup_cosine
-from mimkit.errors import RunError
+from mimkit.errors import DataError, MimkitError, RunError
 from mimkit.eval.knn import knn_monitor
 from mimkit.models import model_from_config
 from mimkit.objectives import build_objective
@@ -39,7 +44,7 @@ from mimkit.objectives import build_objective
 log = logging.getLogger("mimkit")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MimkitError, RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
@@ -140,30 +145,75 @@ def save_reconstructions(model, cfg: Config, path: Path, num: int = 8) -> Path:
                                     upscale=max(1, 128 // cfg.model.img_size))
 
 
+def resolve_config(cfg: Config | None, run: Path, resume: bool, overrides) -> tuple[Config, dict | None]:
+    """The run's config and, when resuming from a checkpoint, its state.
+
+    ``resume`` continues the newest readable checkpoint; a run killed before its first checkpoint
+    starts again from step 0 with its saved ``config.yaml``; an empty folder starts from ``cfg``
+    (so a preemptible job can always pass ``--resume``). A resume that would change a key other
+    than run length, bookkeeping or evaluation is refused, naming the key.
+    """
+    if not resume:
+        if cfg is None:
+            raise ValueError("a config is needed to start a new run")
+        if list_checkpoints(run):
+            raise RunError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
+        return cfg, None
+    if list_checkpoints(run):
+        state, path = load_latest(run)
+        saved = state["config"]
+        log.info("resuming %s from %s (step %d)", run, path.name, state["step"])
+    elif (run / "config.yaml").is_file():
+        state, saved = None, yaml.safe_load((run / "config.yaml").read_text())
+        log.info("resuming %s: no checkpoint was written yet, so starting from step 0 with its saved config", run)
+    elif cfg is not None:
+        log.info("--resume: %s holds no run yet; starting a new one", run)
+        return cfg, None
+    else:
+        raise RunError(f"--resume: {run} holds no run to continue (no checkpoint, no config.yaml); "
+                       "start it with --config")
+    new = cfg if cfg is not None else config_from_dict(saved, overrides)
+    check_resume_compatible(saved, to_dict(new), run)
+    return new, state
+
+
+def log_knn(logger: MetricLogger, step: int, objective, cfg: Config, device: torch.device) -> None:
+    """Online k-NN monitor (solo-learn style, any method), logged as ``knn_top1`` of ``step``."""
+    logger.log(step, {"knn_top1": knn_monitor(objective, cfg, device)})
+
+
+def side_work(name: str, fn, *args) -> None:
+    """Run a reconstruction grid or monitor; a failure is a warning, never the end of the run."""
+    try:
+        fn(*args)
+    except Exception as e:  # side work must never cost the run
+        log.warning("%s failed at this step (training continues): %s: %s", name, type(e).__name__, e)
+
+
 def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
              overrides: list[str] | tuple = ()) -> Path:
     """Pre-train into ``run_dir``; with ``resume`` continue its last checkpoint exactly
     (with the run's saved config, plus ``overrides`` such as a longer ``train.max_steps``).
 
-    Under ``torchrun`` every process runs this; rank 0 alone logs and writes checkpoints.
+    Under ``torchrun`` every process runs this; rank 0 alone logs, writes checkpoints and holds
+    the run folder's lock (a second run into the same folder is refused while this one lives).
     """
     setup_logging()
     run = Path(run_dir)
-    state = None
-    if resume:
-        state, ckpt_path = load_latest(run)
-        cfg = config_from_dict(state["config"], overrides) if cfg is None else cfg
-        log.info("resuming %s from %s (step %d)", run, ckpt_path.name, state["step"])
-    else:
-        if cfg is None:
-            raise ValueError("a config is needed to start a new run")
-        if list_checkpoints(run):
-            raise RunError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run) if is_main else nullcontext():
+        if is_main:  # half-written files of a killed writer (we hold the lock: nobody else writes)
+            for tmp in run.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+        cfg, state = resolve_config(cfg, run, resume, overrides)
+        return _train(cfg, run, state)
+
+
+def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     t = cfg.train
     info, device = init_distributed(t.device)
     if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+        atomic_write_text(run / "config.yaml", config_yaml(cfg))
 
     torch.manual_seed(t.seed)
     model = model_from_config(cfg)
@@ -173,9 +223,10 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
     global_batch = t.batch_size * info.world_size
     steps_per_epoch = len(dataset) // global_batch // t.accum_iter
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise DataError(
             f"the data set has {len(dataset)} samples, fewer than one optimizer step "
-            f"(batch {t.batch_size} x {info.world_size} processes x accum {t.accum_iter})"
+            f"(train.batch_size {t.batch_size} x {info.world_size} processes x train.accum_iter {t.accum_iter}); "
+            "lower train.batch_size or train.accum_iter"
         )
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     eff_batch = global_batch * t.accum_iter
@@ -207,7 +258,8 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
                mininterval=1.0, disable=not info.is_main)
-    last_ckpt = None
+    last_ckpt = list_checkpoints(run)[-1][1] if state is not None and info.is_main else None
+    data_time, last_log_step, t_prev = 0.0, step, time.perf_counter()
 
     def make_state() -> dict:
         state = {
@@ -222,63 +274,61 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
             state["teacher"] = teacher.state_dict()
         return state
 
-    def checkpoint() -> Path | None:
-        path = save_checkpoint(run, step, make_state(), t.keep_checkpoints) if info.is_main else None
-        barrier(info)
-        return path
-
     objective.train()
     with StopSignal() as stop:
         while step < total_steps:
-            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+            epoch, first = divmod(step, steps_per_epoch)
             dataset.set_epoch(epoch)
-            sampler = ShardedEpochSampler(len(dataset), t.batch_size, t.seed, epoch,
-                                          batch_in_epoch * t.accum_iter, info.rank, info.world_size)
-            loader = DataLoader(
+            # The sampler yields whole optimizer steps only: no micro-batch (and so no gradient)
+            # crosses a step or an epoch boundary, and a resume at any step is exact.
+            sampler = ShardedEpochSampler(len(dataset), t.batch_size, t.seed, epoch, first * t.accum_iter,
+                                          info.rank, info.world_size, accum_iter=t.accum_iter)
+            loader = iter(DataLoader(
                 dataset, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                 pin_memory=device.type == "cuda", drop_last=True,
                 prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
-            )
-            sums: dict[str, torch.Tensor] = {}
-            micro, data_time, last_log_step = 0, 0.0, step
-            t_data = t_prev = time.perf_counter()
-            for (imgs, noise), _ in loader:
-                data_time += time.perf_counter() - t_data
-                imgs = imgs.to(device, non_blocking=True)
-                noise = noise.to(device, non_blocking=True)
+            ))
+            for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
+                # --- schedule (per optimizer step, from the fractional epoch)
                 lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, t.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # DDP syncs gradients only on the last micro-batch of an accumulation.
-                last_micro = micro + 1 == t.accum_iter
-                sync = net.no_sync() if info.enabled and not last_micro else nullcontext()
-                with sync:
-                    with autocast:
-                        out = step_fn(imgs, noise, step / total_steps)
-                        loss = out["loss"]
-                    (loss / t.accum_iter).backward()
-                bad_loss |= ~torch.isfinite(loss.detach())
-                for k, v in out.items():
-                    if k == "loss" or k.startswith(("loss_", "acc_")):
-                        sums[k] = sums.get(k, 0.0) + v.detach().float()
-                micro += 1
-                if micro < t.accum_iter:
+
+                # --- forward / backward over the micro-batches of this step
+                sums: dict[str, torch.Tensor] = {}
+                for micro in range(t.accum_iter):
                     t_data = time.perf_counter()
-                    continue
+                    (imgs, noise), _ = next(loader)
+                    data_time += time.perf_counter() - t_data
+                    imgs = imgs.to(device, non_blocking=True)
+                    noise = noise.to(device, non_blocking=True)
+                    # DDP syncs gradients only on the last micro-batch of the step.
+                    sync = net.no_sync() if info.enabled and micro + 1 < t.accum_iter else nullcontext()
+                    with sync:
+                        with autocast:
+                            out = step_fn(imgs, noise, step / total_steps)
+                        (out["loss"] / t.accum_iter).backward()
+                    bad_loss |= ~torch.isfinite(out["loss"].detach())
+                    for k, v in out.items():
+                        if k == "loss" or k.startswith(("loss_", "acc_")):
+                            sums[k] = sums.get(k, 0.0) + v.detach().float() / t.accum_iter
+
+                # --- clip, step
                 max_norm = t.clip_grad if t.clip_grad is not None else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+
+                # --- EMA (teacher wrappers) and other per-step updates
                 objective.after_step((step + 1) / total_steps)
                 step += 1
                 bar.update(1)
 
+                # --- log (host syncs only here: NaN check, loss means)
                 is_ckpt = step % t.checkpoint_every == 0 or step == total_steps
-                is_log = step % t.log_every == 0
-                # Online k-NN monitor every `knn_every` epochs (solo-learn style, any method).
                 is_knn = bool(t.knn_every) and step % (t.knn_every * steps_per_epoch) == 0
-                is_log = is_log or is_knn
-                if is_log or is_ckpt:
+                is_log = step % t.log_every == 0 or is_ckpt or is_knn
+                if is_log:
                     if any_rank(bool(bad_loss.item()), info, device):
                         raise NonFiniteLossError(
                             f"non-finite loss at or before step {step}; stopping. The last good "
@@ -286,40 +336,43 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
                             "train.blr, train.clip_grad=1.0, or train.amp=off."
                         )
                     names = sorted(sums)
-                    means = all_mean(torch.stack([sums[k] for k in names]) / micro, info).tolist()
+                    means = all_mean(torch.stack([sums[k] for k in names]), info).tolist()
                     now = time.perf_counter()
                     row = dict(zip(names, means, strict=True))
                     row.update(lr=lr, epoch=step / steps_per_epoch, grad_norm=float(grad_norm),
-                               data_time=data_time)
-                    row["images_per_s"] = eff_batch * (step - last_log_step) / max(now - t_prev, 1e-9)
-                    if is_knn and info.is_main:
-                        row["knn_top1"] = knn_monitor(objective, cfg, device)
-                    t_prev, last_log_step = time.perf_counter(), step
+                               data_time=data_time,
+                               images_per_s=eff_batch * (step - last_log_step) / max(now - t_prev, 1e-9))
                     if device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if logger is not None:
                         logger.log(step, row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
-                                    img_s=f"{row.get('images_per_s', 0):.0f}", refresh=False)
+                                    img_s=f"{row['images_per_s']:.0f}", refresh=False)
                     data_time = 0.0
+
+                # --- checkpoint (before any side work, so side work can never cost the run)
                 preempted = stop.received is not None if not info.enabled else \
                     (is_log and any_rank(stop.received is not None, info, device))
-                if info.is_main and (step == total_steps or (t.vis_every and step % t.vis_every == 0)):
-                    save_reconstructions(objective.eval_model(), cfg, run / f"reconstructions-{step:08d}.png")
                 if is_ckpt or preempted:
-                    last_ckpt = checkpoint()
+                    if info.is_main:
+                        last_ckpt = save_checkpoint(run, step, make_state(), t.keep_checkpoints)
+                    barrier(info)
                 if preempted:
                     bar.close()
                     raise Preempted(f"{stop.received or 'a stop signal'} received: checkpoint at step "
                                     f"{step} written to {run}; continue with --resume")
-                sums, micro = {}, 0
-                if step >= total_steps:
-                    break
-                t_data = time.perf_counter()
+
+                # --- side work: online k-NN monitor (solo-learn style), reconstruction grid
+                if info.is_main:
+                    if is_knn:
+                        side_work("online k-NN monitor", log_knn, logger, step, objective, cfg, device)
+                    if step == total_steps or (t.vis_every and step % t.vis_every == 0):
+                        side_work("reconstruction grid", save_reconstructions, objective.eval_model(), cfg,
+                                  run / f"reconstructions-{step:08d}.png")
+                t_prev, last_log_step = (time.perf_counter(), step) if is_log else (t_prev, last_log_step)
     bar.close()
     if logger is not None:
         logger.close()
     log.info("finished at step %d; last checkpoint %s", step, last_ckpt)
     cleanup(info)
     return run
-

@@ -1,0 +1,78 @@
+"""A run folder: one live writer at a time, and a resume that keeps its checkpoints' meaning."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mimkit.errors import RunError
+
+log = logging.getLogger("mimkit")
+
+# Keys a resume may change: run length, bookkeeping, where the data lives, evaluation. Every other
+# key changes what the saved model, optimizer state or sample order mean, so a resume refuses it.
+SAFE_ON_RESUME = (
+    "train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.log_every", "train.vis_every", "train.knn_every", "train.device", "train.compile",
+    "train.loggers", "data.root", "data.num_workers", "eval.",
+)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'train': {'lr': 1}}`` → ``{'train.lr': 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_resume_compatible(saved: dict, new: dict, run: Path) -> None:
+    """Refuse a resume whose config changes a key outside :data:`SAFE_ON_RESUME`, naming it."""
+    old, cur = flatten(saved), flatten(new)
+    for key in sorted(set(old) | set(cur)):
+        if key in old and key not in cur:
+            continue  # a key this version no longer has (renamed or removed)
+        if old.get(key) == cur.get(key) or key.startswith(SAFE_ON_RESUME):
+            continue
+        raise RunError(
+            f"--resume {run}: {key} would change from {old.get(key)!r} to {cur.get(key)!r}, which changes "
+            "what the saved checkpoints mean; drop that override, or start a new run with another --out"
+        )
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` for the life of a run. The kernel drops it when the
+    process dies, however it dies, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.fd = Path(run), None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.run / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise RunError(f"cannot write to the run folder {self.run}: {e.strerror}; "
+                           "choose a writable --out") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise RunError(f"{self.run} is in use by a live mimkit run (pid {owner}); wait for it to "
+                           "finish or stop it, or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
