@@ -12,13 +12,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from mimkit.config import ConfigError, load_config
+    from mimkit.config import load_config
     from mimkit.engine.trainer import pretrain
 
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume continues the run's saved config; give key=value overrides only")
-        pretrain(None, args.out, resume=True, overrides=args.overrides)
+    if args.resume:  # the run's saved config (+ overrides); --config only starts a run not begun yet
+        cfg = load_config(args.config, args.overrides) if args.config else None
+        pretrain(cfg, args.out, resume=True, overrides=args.overrides)
     else:
         pretrain(load_config(args.config or "fmnist_tiny", args.overrides), args.out)
 
@@ -124,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train a ViT by masked image modeling")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (with --config: start it if it has not begun)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("visualize", help="reconstruction grid for some images")

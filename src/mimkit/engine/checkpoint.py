@@ -98,7 +98,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
     except RunError as e:
         previous = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {previous[-1][1].name} is intact" if previous else "no earlier checkpoint"
-        raise RunError(f"{e}, then --resume ({kept})") from None
+        raise RunError(f"{e}; then continue with --resume ({kept})") from None
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

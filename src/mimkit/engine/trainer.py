@@ -177,6 +177,29 @@ def resolve_config(cfg: Config | None, run: Path, resume: bool, overrides) -> tu
     return new, state
 
 
+def step_loaders(dataset, cfg: Config, info, device: torch.device, step: int, steps_per_epoch: int,
+                 total_steps: int):
+    """For each optimizer step from ``step`` on, the iterator its ``accum_iter`` micro-batches come from.
+
+    The sampler yields whole optimizer steps only, so no micro-batch (and so no gradient) crosses
+    a step or an epoch boundary, and a resume at any step sees exactly the batches it would have.
+    """
+    t = cfg.train
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler = ShardedEpochSampler(len(dataset), t.batch_size, t.seed, epoch, first * t.accum_iter,
+                                      info.rank, info.world_size, accum_iter=t.accum_iter)
+        loader = iter(DataLoader(
+            dataset, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda", drop_last=True,
+            prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
+        ))
+        for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
+            yield loader
+            step += 1
+
+
 def log_knn(logger: MetricLogger, step: int, objective, cfg: Config, device: torch.device) -> None:
     """Online k-NN monitor (solo-learn style, any method), logged as ``knn_top1`` of ``step``."""
     logger.log(step, {"knn_top1": knn_monitor(objective, cfg, device)})
@@ -275,20 +298,9 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         return state
 
     objective.train()
-    with StopSignal() as stop:
-        while step < total_steps:
-            epoch, first = divmod(step, steps_per_epoch)
-            dataset.set_epoch(epoch)
-            # The sampler yields whole optimizer steps only: no micro-batch (and so no gradient)
-            # crosses a step or an epoch boundary, and a resume at any step is exact.
-            sampler = ShardedEpochSampler(len(dataset), t.batch_size, t.seed, epoch, first * t.accum_iter,
-                                          info.rank, info.world_size, accum_iter=t.accum_iter)
-            loader = iter(DataLoader(
-                dataset, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                pin_memory=device.type == "cuda", drop_last=True,
-                prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
-            ))
-            for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
+    try:
+        with StopSignal() as stop:
+            for loader in step_loaders(dataset, cfg, info, device, step, steps_per_epoch, total_steps):
                 # --- schedule (per optimizer step, from the fractional epoch)
                 lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, t.min_lr)
                 for group in optimizer.param_groups:
@@ -358,7 +370,6 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                         last_ckpt = save_checkpoint(run, step, make_state(), t.keep_checkpoints)
                     barrier(info)
                 if preempted:
-                    bar.close()
                     raise Preempted(f"{stop.received or 'a stop signal'} received: checkpoint at step "
                                     f"{step} written to {run}; continue with --resume")
 
@@ -369,10 +380,12 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     if step == total_steps or (t.vis_every and step % t.vis_every == 0):
                         side_work("reconstruction grid", save_reconstructions, objective.eval_model(), cfg,
                                   run / f"reconstructions-{step:08d}.png")
-                t_prev, last_log_step = (time.perf_counter(), step) if is_log else (t_prev, last_log_step)
-    bar.close()
-    if logger is not None:
-        logger.close()
+                if is_log:  # images/s excludes the checkpoint and side work
+                    t_prev, last_log_step = time.perf_counter(), step
+    finally:  # the progress bar ends its line before any message, and the logs are flushed
+        bar.close()
+        if logger is not None:
+            logger.close()
     log.info("finished at step %d; last checkpoint %s", step, last_ckpt)
     cleanup(info)
     return run
