@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -148,3 +149,16 @@ def test_an_unwritable_output_folder_is_a_run_error(tmp_path, tiny_overrides):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(RunError, match="choose a writable --out"):
         pretrain(load_config(None, tiny_overrides), tmp_path / "file" / "run")
+
+
+def test_metrics_survive_a_cut_line_and_count_resumed_steps_once(tmp_path, tiny_overrides):
+    run = pretrain(load_config(None, tiny_overrides + ["train.max_steps=3", "train.checkpoint_every=2"]),
+                   tmp_path / "r")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "lo')  # a re-logged step, then a kill mid-line
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert read_metrics(run)[-1]["loss"] == 9.0  # the later row of a step wins
+    (run / "checkpoint-00000003.pt").unlink()
+    run = pretrain(None, run, resume=True)  # the resume drops rows past step 2, the cut line too
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]
