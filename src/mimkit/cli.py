@@ -67,6 +67,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from mimkit.engine.checkpoint import CheckpointError
     from mimkit.interop.convert import export
 
+    if args.push_to_hub and not (args.format == "hf" or (args.format == "timm" and
+                                                          not args.out.endswith(".safetensors"))):
+        raise ConfigError("--push-to-hub uploads a folder: use --format hf, or --format timm with an "
+                          "--out folder (not a .safetensors file)")
     try:
         info = export(args.checkpoint, args.format, args.out, args.encoder_only, args.weights)
     except ValueError as e:
@@ -76,7 +80,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {info['out']} ({info['format']}, {info['weights']} weights from a {info['source']} file)")
     if "create_model" in info:
         print(f"load it with: model = {info['create_model']}")
-        print("             model.load_state_dict(safetensors.torch.load_file(PATH), strict=True)")
+        if not info["folder"]:
+            print("             model.load_state_dict(safetensors.torch.load_file(PATH), strict=True)")
+    if args.push_to_hub:
+        from mimkit.interop.hf import push_to_hub
+
+        print(f"uploaded to {push_to_hub(info['out'], args.push_to_hub, private=args.private)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -165,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert a checkpoint to timm, official MAE, HF or safetensors")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", required=True, choices=["timm", "mae", "hf", "safetensors"])
-    p.add_argument("--out", required=True, help="output file (a folder for --format hf)")
+    p.add_argument("--out", required=True,
+                   help="output file; a folder for hf, and for timm unless it ends in .safetensors")
     p.add_argument("--encoder-only", action="store_true", help="drop the decoder (mae, safetensors)")
     p.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"],
                    help="RC-MAE-style checkpoints: auto = the evaluation weights (the teacher)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the folder to this Hugging Face Hub model repo (needs a login)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
