@@ -118,6 +118,16 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards")
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    from mimkit.config import load_config
+    from mimkit.config_doc import keys_table, show
+
+    if args.action == "keys":
+        print(keys_table(), end="")
+    else:
+        print(show(load_config(args.config, args.overrides)), end="")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from mimkit.bench import main_from_args
 
@@ -125,7 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mimkit import __version__
+
     parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: MIMKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=None, help="bytes per shard at most (about)")
     p.add_argument("--split", default="train", help="train | test, for folders with train/ and test/")
     p.set_defaults(func=cmd_make_shards)
+
+    p = sub.add_parser("config", help="print the merged config (with comments) or list the keys")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("show", help="the config as YAML: each key, its comment, and its default "
+                                        "where the value differs")
+    q.add_argument("--config", default=None, help="preset name or YAML file (default: the defaults)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    q.set_defaults(func=cmd_config)
+    q = actions.add_parser("keys", help="every key with its type, default and comment")
+    q.set_defaults(func=cmd_config)
 
     from mimkit.bench import add_arguments as add_bench_arguments
 
