@@ -203,7 +203,7 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
     log.info("%s: %d samples, %d steps/epoch, %d steps, effective batch %d (%d x %d processes x %d), "
              "lr %.3g, device %s", cfg.method, len(dataset), steps_per_epoch, total_steps, eff_batch,
              t.batch_size, info.world_size, t.accum_iter, base_lr, device)
-    logger = MetricLogger(run, step) if info.is_main else None
+    logger = MetricLogger(run, step, cfg=cfg) if info.is_main else None
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
                mininterval=1.0, disable=not info.is_main)
@@ -305,7 +305,8 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
                 preempted = stop.received is not None if not info.enabled else \
                     (is_log and any_rank(stop.received is not None, info, device))
                 if info.is_main and (step == total_steps or (t.vis_every and step % t.vis_every == 0)):
-                    save_reconstructions(objective.eval_model(), cfg, run / f"reconstructions-{step:08d}.png")
+                    png = save_reconstructions(objective.eval_model(), cfg, run / f"reconstructions-{step:08d}.png")
+                    logger.log_image(step, "reconstructions", png)
                 if is_ckpt or preempted:
                     last_ckpt = checkpoint()
                 if preempted:
