@@ -85,17 +85,20 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
     return list(walk(overrides_to_dict(overrides), ""))
 
 
-def pretrain(config_or_preset: Config | str | Path = "fmnist_tiny", out: str | Path = "runs/run",
-             resume: bool = False, **overrides: Any) -> Run:
+def pretrain(config_or_preset: Config | str | Path | None, out: str | Path, resume: bool = False,
+             **overrides: Any) -> Run:
     """Pre-train into the folder ``out`` and return the :class:`Run`.
 
     ``config_or_preset``: a :class:`~mimkit.config.Config`, a preset name (``mimkit config
     show --config NAME`` prints one) or a YAML file. ``resume=True`` continues the run in ``out``
-    with its saved config (``config_or_preset`` is then ignored; ``overrides`` still apply, e.g.
+    with its saved config (pass ``None`` for ``config_or_preset``; ``overrides`` still apply, e.g.
     a larger ``train__max_steps``). Keyword overrides: see the module docstring.
     """
     from mimkit.engine.trainer import pretrain as train
 
+    if config_or_preset is None and not resume:
+        raise ConfigError("mimkit.pretrain needs a Config, a preset name or a YAML file "
+                          "(or resume=True to continue the run in out)")
     if resume:
         train(None, out, resume=True, overrides=_override_strings(overrides))
     else:
