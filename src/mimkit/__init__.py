@@ -1,11 +1,34 @@
-"""mimkit: masked image modeling (MAE, EMAE, RC-MAE, MixedAE) for Vision Transformers."""
+"""mimkit: masked image modeling (MAE, EMAE, RC-MAE, MixedAE) for Vision Transformers.
+
+Public API: :func:`pretrain`, :func:`evaluate` (returning :class:`Run` / the evaluation record),
+:func:`load_model`, :func:`load_encoder`. Importing ``mimkit`` does not import torch: the
+functions import what they need when called (so ``mimkit --help`` stays fast).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_encoder", "load_model"]
+__all__ = ["Run", "__version__", "evaluate", "load_encoder", "load_model", "pretrain"]
+_LAZY = {"pretrain": "mimkit.api", "evaluate": "mimkit.api", "Run": "mimkit.api"}
+
+if TYPE_CHECKING:
+    from mimkit.api import Run, evaluate, pretrain
+
+
+def __getattr__(name: str):
+    """Import the API's names on first use (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mimkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_model(path: str | Path, weights: str = "auto", **overrides):

@@ -66,6 +66,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from mimkit.engine.checkpoint import CheckpointError
     from mimkit.interop.convert import export
 
+    if args.push_to_hub and not (args.format == "hf" or (args.format == "timm" and
+                                                          not args.out.endswith(".safetensors"))):
+        raise ConfigError("--push-to-hub uploads a folder: use --format hf, or --format timm with an "
+                          "--out folder (not a .safetensors file)")
     try:
         info = export(args.checkpoint, args.format, args.out, args.encoder_only, args.weights)
     except ValueError as e:
@@ -75,7 +79,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {info['out']} ({info['format']}, {info['weights']} weights from a {info['source']} file)")
     if "create_model" in info:
         print(f"load it with: model = {info['create_model']}")
-        print("             model.load_state_dict(safetensors.torch.load_file(PATH), strict=True)")
+        if not info["folder"]:
+            print("             model.load_state_dict(safetensors.torch.load_file(PATH), strict=True)")
+    if args.push_to_hub:
+        from mimkit.interop.hf import push_to_hub
+
+        print(f"uploaded to {push_to_hub(info['out'], args.push_to_hub, private=args.private)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -108,6 +117,16 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards")
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    from mimkit.config import load_config
+    from mimkit.config_doc import keys_table, show
+
+    if args.action == "keys":
+        print(keys_table(), end="")
+    else:
+        print(show(load_config(args.config, args.overrides)), end="")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from mimkit.bench import main_from_args
 
@@ -115,7 +134,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mimkit import __version__
+
     parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: MIMKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,10 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert a checkpoint to timm, official MAE, HF or safetensors")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", required=True, choices=["timm", "mae", "hf", "safetensors"])
-    p.add_argument("--out", required=True, help="output file (a folder for --format hf)")
+    p.add_argument("--out", required=True,
+                   help="output file; a folder for hf, and for timm unless it ends in .safetensors")
     p.add_argument("--encoder-only", action="store_true", help="drop the decoder (mae, safetensors)")
     p.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"],
                    help="RC-MAE-style checkpoints: auto = the evaluation weights (the teacher)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the folder to this Hugging Face Hub model repo (needs a login)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
@@ -196,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=None, help="bytes per shard at most (about)")
     p.add_argument("--split", default="train", help="train | test, for folders with train/ and test/")
     p.set_defaults(func=cmd_make_shards)
+
+    p = sub.add_parser("config", help="print the merged config (with comments) or list the keys")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("show", help="the config as YAML: each key, its comment, and its default "
+                                        "where the value differs")
+    q.add_argument("--config", default=None, help="preset name or YAML file (default: the defaults)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    q.set_defaults(func=cmd_config)
+    q = actions.add_parser("keys", help="every key with its type, default and comment")
+    q.set_defaults(func=cmd_config)
 
     from mimkit.bench import add_arguments as add_bench_arguments
 

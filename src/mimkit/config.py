@@ -75,6 +75,7 @@ class TrainConfig:
     log_every: int = 1
     vis_every: int = 0  # steps between reconstruction images (0: only at the end)
     knn_every: int = 0  # epochs between online k-NN monitors (0: off)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | mlflow
 
 
 @dataclass
@@ -395,6 +396,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs: must be >= 1, got {t.epochs}")
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise ConfigError(f"data.label_fraction: must be in (0, 1], got {cfg.data.label_fraction}")
+    for name in t.loggers:
+        if name not in ("tensorboard", "wandb", "mlflow"):
+            raise ConfigError(f"train.loggers: unknown logger '{name}'; choose from tensorboard, wandb, mlflow")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: expected two values, got {t.betas}")
     _validate_methods(cfg)

@@ -205,6 +205,12 @@ def log_knn(logger: MetricLogger, step: int, objective, cfg: Config, device: tor
     logger.log(step, {"knn_top1": knn_monitor(objective, cfg, device)})
 
 
+def log_reconstructions(logger: MetricLogger, step: int, objective, cfg: Config, run: Path) -> None:
+    """``reconstructions-STEP.png`` in the run folder, also sent to the loggers (TensorBoard, ...)."""
+    png = save_reconstructions(objective.eval_model(), cfg, run / f"reconstructions-{step:08d}.png")
+    logger.log_image(step, "reconstructions", png)
+
+
 def side_work(name: str, fn, *args) -> None:
     """Run a reconstruction grid or monitor; a failure is a warning, never the end of the run."""
     try:
@@ -277,7 +283,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     log.info("%s: %d samples, %d steps/epoch, %d steps, effective batch %d (%d x %d processes x %d), "
              "lr %.3g, device %s", cfg.method, len(dataset), steps_per_epoch, total_steps, eff_batch,
              t.batch_size, info.world_size, t.accum_iter, base_lr, device)
-    logger = MetricLogger(run, step) if info.is_main else None
+    logger = MetricLogger(run, step, cfg=cfg) if info.is_main else None
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
                mininterval=1.0, disable=not info.is_main)
@@ -378,8 +384,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     if is_knn:
                         side_work("online k-NN monitor", log_knn, logger, step, objective, cfg, device)
                     if step == total_steps or (t.vis_every and step % t.vis_every == 0):
-                        side_work("reconstruction grid", save_reconstructions, objective.eval_model(), cfg,
-                                  run / f"reconstructions-{step:08d}.png")
+                        side_work("reconstruction grid", log_reconstructions, logger, step, objective, cfg, run)
                 if is_log:  # images/s excludes the checkpoint and side work
                     t_prev, last_log_step = time.perf_counter(), step
     finally:  # the progress bar ends its line before any message, and the logs are flushed

@@ -6,7 +6,8 @@ Sources ``read_weights`` understands (the kind is sniffed from the content, not 
   RC-MAE-style runs also hold ``teacher`` and ``student``);
 - an official MAE file ``{'model': state_dict}``, full or encoder-only (a bare state dict too);
 - a safetensors file (mimkit's ``safetensors`` or ``timm`` export, or any timm ViT weights);
-- a Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` folder (``config.json`` + weights).
+- a Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` folder (``config.json`` + weights),
+  or a timm folder (mimkit's ``timm`` export: ``config.json`` with ``pretrained_cfg``).
 
 Pickled files are read with ``torch.load(weights_only=True)`` only, so a tampered file is refused
 instead of executing code; safetensors cannot hold code at all.
@@ -141,6 +142,10 @@ def _read_hf_folder(folder: Path) -> Weights:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if "pretrained_cfg" in cfg and "architecture" in cfg:  # a timm folder (mimkit's timm export)
+        w = read_weights(weight_file(folder))
+        w.source = "timm"
+        return w
     if cfg.get("model_type") not in (None, "vit_mae"):
         raise UnsupportedCheckpointError(f"{folder}: model_type {cfg.get('model_type')!r}, expected 'vit_mae'")
     file = weight_file(folder)
@@ -223,35 +228,139 @@ def _metadata(w: Weights, fmt: str) -> dict[str, str]:
     return meta
 
 
+def export_stats(w: Weights) -> tuple[list[float], list[float]]:
+    """Normalization an exported encoder expects: the run's own (a mimkit checkpoint's saved
+    config), else ImageNet's (official, Hugging Face and other files)."""
+    from mimkit.data import dataset_stats, stats_for
+
+    if w.config:
+        from mimkit.config import ConfigError, config_from_dict
+        from mimkit.eval.run import known_keys
+
+        try:
+            mean, std = stats_for(config_from_dict(known_keys(w.config)))
+            return list(mean), list(std)
+        except ConfigError as e:  # an older run's config this version rejects: say so, go on
+            log.warning("cannot read the checkpoint's data statistics (%s); using ImageNet's", e)
+    mean, std = dataset_stats("folder", int(w.arch["in_chans"]))
+    return list(mean), list(std)
+
+
+def _img_side(arch: dict) -> int:
+    size = arch["img_size"]
+    return int(size) if isinstance(size, int) else int(size[0])
+
+
+def _resize_text(fmt: str, side: int) -> str:
+    from mimkit.interop.timm import eval_crop
+
+    crop_pct = eval_crop(side)[0] if fmt == "timm" else 1.0  # ViTImageProcessor only resizes
+    if crop_pct == 1.0:
+        return "bicubic resize"
+    return f"bicubic resize to {int(side / crop_pct)} px, center crop"
+
+
+def model_card(w: Weights, fmt: str, source: str | Path, mean: list[float], std: list[float]) -> str:
+    """``README.md`` of an export folder: method, data, config summary, usage and the measured
+    evaluations (the ``eval_*.json`` files beside a checkpoint file)."""
+    import yaml
+
+    cfg = w.config or {}
+    a, data, train = w.arch, cfg.get("data", {}), cfg.get("train", {})
+    method = cfg.get("method", "mae")
+    library = "transformers" if fmt == "hf" else "timm"
+    lines = ["---", f"library_name: {library}", "tags:", "- mimkit", "- masked-image-modeling",
+             f"- {method}", "- vision-transformer", "---", "",
+             f"# {Path(source).parent.name if Path(source).is_file() else Path(source).name}: "
+             f"{method.upper()} pre-trained ViT", "",
+             f"Exported by mimkit from `{Path(source).name}` ({w.source} file, {w.which} weights).", "",
+             "## Model", "",
+             f"- Method: `{method}`, mask ratio {w.mask_ratio if w.mask_ratio is not None else 'n/a'}, "
+             f"normalized-pixel loss: {w.norm_pix_loss}",
+             f"- Encoder: ViT, {a['depth']} blocks, width {a['embed_dim']}, {a['num_heads']} heads, "
+             f"patch {a['patch_size']}, image {_img_side(a)} px, {a['in_chans']} channel(s)",
+             f"- Input: {_img_side(a)} px ({_resize_text(fmt, _img_side(a))}), then normalize with "
+             f"mean {mean} and std {std}"
+             + (" (one channel: give grayscale images)" if a["in_chans"] == 1 else ""), ""]
+    if cfg:
+        steps = f"{train.get('max_steps')} steps" if train.get("max_steps") else f"{train.get('epochs')} epochs"
+        lines += ["## Training data and recipe", "",
+                  f"- Data: `{data.get('name')}`" + (f" (`{Path(data['root']).name}`)" if data.get("root") else ""),
+                  f"- {steps}, batch {train.get('batch_size')} x accumulation {train.get('accum_iter')}, "
+                  f"base lr {train.get('blr')}, weight decay {train.get('weight_decay')}, seed {train.get('seed')}",
+                  "", "<details><summary>Full config</summary>", "", "```yaml",
+                  yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", "", "</details>", ""]
+    evals = sorted(Path(source).parent.glob("eval_*.json")) if Path(source).is_file() else []
+    rows = []
+    for path in evals:
+        try:
+            rec = json.loads(path.read_text())
+            rows.append(f"| {rec.get('protocol', path.stem)} | {rec['metric']} | {100 * float(rec['value']):.2f}% "
+                        f"| `{path.name}` |")
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping unreadable evaluation record %s", path)
+    lines += ["## Evaluation", ""]
+    lines += (["| protocol | metric | value | record |", "| --- | --- | --- | --- |", *rows]
+              if rows else ["No evaluation record (`mimkit eval ...` writes `eval_*.json` beside the checkpoint)."])
+    lines += ["", "## Usage", "", "```python"]
+    if fmt == "hf":
+        lines += ["from transformers import AutoImageProcessor, ViTMAEForPreTraining",
+                  "processor = AutoImageProcessor.from_pretrained(PATH_OR_REPO)",
+                  "model = ViTMAEForPreTraining.from_pretrained(PATH_OR_REPO)",
+                  "out = model(**processor(images, return_tensors='pt'))"]
+    else:
+        lines += ["import timm", "model = timm.create_model('hf-hub:REPO', pretrained=True)  # or 'local-dir:PATH'",
+                  "cfg = timm.data.resolve_data_config(model=model)",
+                  "features = model.forward_features(timm.data.create_transform(**cfg)(image)[None])"]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
 def export(path: str | Path, fmt: str, out: str | Path, encoder_only: bool = False,
            weights: str = "auto") -> dict:
     """Write the weights in ``path`` to ``out`` as ``fmt``; returns what was written.
 
-    ``timm``: encoder-only safetensors file loadable with ``strict=True`` by the printed
-    ``timm.create_model(...)`` call. ``mae``: official ``{'model': state_dict}`` (plus ``arch`` and
-    ``norm_pix_loss``) via ``torch.save``. ``safetensors``: the MAE state dict with the
-    architecture in the metadata. ``hf``: a ``ViTMAEForPreTraining`` folder (``save_pretrained``).
+    ``timm``: a folder (``config.json``, ``model.safetensors``, ``README.md``) that
+    ``timm.create_model('local-dir:OUT', pretrained=True)`` loads, with the encoder's own input
+    size and normalization in its ``pretrained_cfg``; an ``out`` ending in ``.safetensors`` writes
+    only the encoder weights, loadable with ``strict=True`` by the printed ``timm.create_model(...)``
+    call. ``mae``: official ``{'model': state_dict}`` (plus ``arch`` and ``norm_pix_loss``) via
+    ``torch.save``. ``safetensors``: the MAE state dict with the architecture in the metadata.
+    ``hf``: a ``ViTMAEForPreTraining`` folder (``save_pretrained``) with ``preprocessor_config.json``
+    and a model card ``README.md``. ``info['folder']`` is True for the folder formats.
     """
     from safetensors.torch import save_file
 
-    from mimkit.interop.timm import create_model_call, encoder_state_dict
+    from mimkit.interop.timm import create_model_call, encoder_state_dict, save_timm_folder
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     w = read_weights(path, weights)
     out = Path(out)
-    info = {"format": fmt, "out": str(out), "source": w.source, "weights": w.which}
+    info = {"format": fmt, "out": str(out), "source": w.source, "weights": w.which, "folder": False}
     if fmt == "hf":
-        from mimkit.interop.hf import to_hf_model
+        from mimkit.interop.hf import save_image_processor, to_hf_model
 
         if encoder_only or w.encoder_only:
             raise ValueError("the Hugging Face export is a full ViTMAEForPreTraining: it needs the "
                              "decoder (drop --encoder-only, or use a full checkpoint)")
+        mean, std = export_stats(w)
         to_hf_model(build_mae(w)).save_pretrained(str(out))
+        save_image_processor(out, _img_side(w.arch), mean, std)
+        (out / "README.md").write_text(model_card(w, fmt, path, mean, std))
+        info["folder"] = True
         return info
     state = {k: v.detach().cpu().contiguous() for k, v in w.state.items()}
     if fmt == "timm" or encoder_only:
         state = encoder_state_dict(state)
+    info["encoder_only"] = fmt == "timm" or encoder_only or w.encoder_only
+    if fmt == "timm" and out.suffix != ".safetensors":
+        mean, std = export_stats(w)
+        save_timm_folder(state, w.arch, out, mean, std, metadata=_metadata(w, "timm-vit"))
+        (out / "README.md").write_text(model_card(w, fmt, path, mean, std))
+        info["folder"] = True
+        info["create_model"] = f"timm.create_model('local-dir:{out}', pretrained=True)"
+        return info
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "mae":
         atomic_save({"model": state, "arch": w.arch, "norm_pix_loss": w.norm_pix_loss}, out)
@@ -263,5 +372,4 @@ def export(path: str | Path, fmt: str, out: str | Path, encoder_only: bool = Fal
         meta["create_model"] = call
         save_file(state, str(out), metadata=meta)
         info["create_model"] = call
-    info["encoder_only"] = fmt == "timm" or encoder_only or w.encoder_only
     return info

@@ -6,6 +6,9 @@ use ``vit.encoder.layer.N.attention.attention.query``. Both layouts are mapped h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from mimkit.models.mae import MaskedAutoencoderViT
@@ -113,3 +116,35 @@ def to_hf_model(model: MaskedAutoencoderViT):
     new_layout = any(k.startswith("vit.layers.") for k in hf.state_dict())
     hf.load_state_dict(to_hf_state_dict(model.state_dict(), new_layout), strict=True)
     return hf
+
+
+def save_image_processor(out: str | Path, img_size: int, mean: Sequence[float], std: Sequence[float]) -> Path:
+    """Write ``preprocessor_config.json``: a ``ViTImageProcessor`` that resizes to
+    ``img_size`` squared (bicubic), rescales to [0, 1] and normalizes with the run's statistics.
+
+    A one-channel model gets one-value ``image_mean``/``image_std``: give it grayscale images
+    (``PIL.Image.convert('L')``), which the processor keeps at one channel.
+    """
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(
+        do_resize=True, size={"height": img_size, "width": img_size}, resample=3,  # PIL bicubic
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[float(m) for m in mean], image_std=[float(s) for s in std],
+    )
+    processor.save_pretrained(str(out))
+    return Path(out) / "preprocessor_config.json"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload mimkit export") -> str:
+    """Upload an export folder to the Hugging Face Hub as model repo ``repo_id`` (created if
+    missing); returns the commit URL. Authentication as ``huggingface_hub`` does it
+    (``token``, ``HF_TOKEN`` or ``hf auth login``)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                               commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))

@@ -9,7 +9,10 @@ The MAE encoder already uses timm's names (``cls_token``, ``pos_embed``, ``patch
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from timm.models import VisionTransformer
@@ -101,3 +104,51 @@ def to_timm_vit(state: dict[str, torch.Tensor], arch: dict, **overrides) -> Visi
         nn.init.trunc_normal_(vit.head.weight, std=2e-5)
         nn.init.zeros_(vit.head.bias)
     return vit
+
+
+def eval_crop(img_size: int) -> tuple[float, str]:
+    """timm's ``(crop_pct, crop_mode)`` for mimkit's evaluation transform at ``img_size``
+    (:func:`mimkit.data.transforms.eval_transform`): small images are resized (squashed) to the
+    square, larger ones resized to ``img_size / 0.875`` and center-cropped, as in MAE."""
+    return (1.0, "squash") if img_size <= 64 else (0.875, "center")
+
+
+def timm_config(arch: dict, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The ``config.json`` of a timm hub folder for an MAE encoder (no classifier).
+
+    ``pretrained_cfg`` carries the encoder's own input size, channel count, normalization and
+    crop, so ``timm.data.resolve_data_config(model=m)`` returns them, and no registry source
+    (``hf_hub_id``, ``url``) of the base architecture name.
+    """
+    kwargs = timm_kwargs(arch)
+    size = kwargs["img_size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    crop_pct, crop_mode = eval_crop(min(h, w))
+    return {
+        "architecture": timm_model_name(arch) or "vit_base_patch16_224",  # model_args set the rest
+        "num_classes": 0,
+        "num_features": kwargs["embed_dim"],
+        "global_pool": kwargs["global_pool"],
+        "model_args": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+        "pretrained_cfg": {
+            "input_size": [kwargs["in_chans"], h, w], "fixed_input_size": True,
+            "interpolation": "bicubic", "crop_pct": crop_pct, "crop_mode": crop_mode,
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+    }
+
+
+def save_timm_folder(state: dict[str, torch.Tensor], arch: dict, out: str | Path,
+                     mean: Sequence[float], std: Sequence[float],
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (encoder only, timm names) to ``out``;
+    ``timm.create_model('local-dir:OUT', pretrained=True)`` loads it (and ``hf-hub:REPO`` once
+    the folder is uploaded)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(timm_config(arch, mean, std), indent=2) + "\n")
+    save_file(encoder_state_dict(state), str(out / "model.safetensors"), metadata=metadata)
+    return out
