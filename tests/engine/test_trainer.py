@@ -100,3 +100,21 @@ def test_online_knn_monitor_logged_each_epoch(tmp_path, tiny_overrides):
     rows = {r["step"]: r for r in read_metrics(run)}
     assert [s for s, r in rows.items() if "knn_top1" in r] == [8, 16]  # 8 steps per epoch
     assert 0.0 <= rows[8]["knn_top1"] <= 1.0 and "loss" in rows[8]
+
+
+def test_fp16_trains_with_a_loss_scaler_and_resumes_exactly(tmp_path, tiny_overrides, one_thread):
+    over = tiny_overrides + ["train.amp=fp16", "train.max_steps=4", "train.checkpoint_every=2",
+                             "train.keep_checkpoints=3"]
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        torch.amp.GradScaler("cpu")
+    except (RuntimeError, ValueError) as e:
+        pytest.skip(f"this torch has no fp16 autocast / GradScaler on CPU: {e}")
+    want = losses(pretrain(load_config(None, over), tmp_path / "a"))
+    run = tmp_path / "b"
+    pretrain(load_config(None, over), run)
+    ckpt = load_file(list_checkpoints(run)[-1][1])
+    assert ckpt["scaler"]["scale"] > 0  # the scaler's state is saved for an exact resume
+    list_checkpoints(run)[-1][1].unlink()
+    assert losses(pretrain(None, run, resume=True)) == want
