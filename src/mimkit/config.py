@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 
 from mimkit.errors import MimkitError
 
+log = logging.getLogger("mimkit")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -334,6 +336,24 @@ def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
         merge_into(cfg, parse_override(text))
     validate(cfg)
     return cfg
+
+
+def known_keys(saved: dict, obj: object | None = None, prefix: str = "") -> dict:
+    """A run's saved config without the keys this version of mimkit no longer has (renamed or
+    removed options of other sections must not block evaluating an older checkpoint); each
+    dropped key is logged. User-given configs stay strict."""
+    obj = Config() if obj is None else obj
+    names = {f.name for f in dataclasses.fields(obj)}
+    out = {}
+    for key, value in saved.items():
+        if key not in names:
+            log.warning("ignoring the saved config key '%s%s' (unknown to this version)", prefix, key)
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = known_keys(value, current, f"{prefix}{key}.")
+        out[key] = value
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

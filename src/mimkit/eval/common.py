@@ -89,6 +89,6 @@ def pool_tokens(tokens: torch.Tensor, feature: str) -> torch.Tensor:
 
 def autocast_context(cfg, device: torch.device):
     """The run's autocast (``train.amp``: bf16 on a GPU by default, none on a CPU)."""
-    from mimkit.engine.trainer import autocast_for
+    from mimkit.engine.precision import autocast_for
 
     return autocast_for(cfg.train.amp, device)

@@ -126,7 +126,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     """Fine-tune ``model`` (a timm ViT with a head) with ``eval.finetune`` on the
     ``data.label_fraction`` subset of the training split; top-1 on the test split."""
-    from mimkit.engine.trainer import autocast_for
+    from mimkit.engine.precision import autocast_for
 
     f = cfg.eval.finetune
     t0 = time.perf_counter()

@@ -125,7 +125,7 @@ def head_accuracy(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, ch
 
 def _train_head_online(encoder, cfg, train_ds, num_classes: int, device: torch.device) -> tuple[LinearProbe, dict]:
     """The ImageNet recipe: the frozen encoder runs on augmented views every step."""
-    from mimkit.engine.trainer import autocast_for
+    from mimkit.engine.precision import autocast_for
 
     p = cfg.eval.linprobe
     torch.manual_seed(cfg.train.seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from mimkit.config import Config, ConfigError, config_from_dict, known_keys, load_config, to_dict
 
 log = logging.getLogger("mimkit")
 PROTOCOLS = ("knn", "linprobe", "finetune")
@@ -28,26 +28,6 @@ def resolve_config(saved: dict | None, config: str | Path | None, overrides: lis
         raise ConfigError(f"{source} carries no mimkit config: give --config (a preset or YAML "
                           "file naming the data set and image size)")
     raise ConfigError("give --checkpoint, or --config with --from-scratch")
-
-
-def known_keys(saved: dict, obj: object | None = None, prefix: str = "") -> dict:
-    """A run's saved config without the keys this version of mimkit no longer has (renamed or
-    removed options of other sections must not block evaluating an older checkpoint); each
-    dropped key is logged. User-given configs stay strict."""
-    import dataclasses
-
-    obj = Config() if obj is None else obj
-    names = {f.name for f in dataclasses.fields(obj)}
-    out = {}
-    for key, value in saved.items():
-        if key not in names:
-            log.warning("ignoring the checkpoint's config key '%s%s' (unknown to this version)", prefix, key)
-            continue
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = known_keys(value, current, f"{prefix}{key}.")
-        out[key] = value
-    return out
 
 
 def result_name(protocol: str, from_scratch: bool, label_fraction: float) -> str:

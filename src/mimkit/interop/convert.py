@@ -234,8 +234,7 @@ def export_stats(w: Weights) -> tuple[list[float], list[float]]:
     from mimkit.data import dataset_stats, stats_for
 
     if w.config:
-        from mimkit.config import ConfigError, config_from_dict
-        from mimkit.eval.run import known_keys
+        from mimkit.config import ConfigError, config_from_dict, known_keys
 
         try:
             mean, std = stats_for(config_from_dict(known_keys(w.config)))
