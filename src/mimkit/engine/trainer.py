@@ -36,7 +36,7 @@ from mimkit.engine.distributed import all_mean, any_rank, barrier, cleanup, init
 from mimkit.engine.logging import MetricLogger, setup_logging
 from mimkit.engine.precision import adamw_kernel, autocast_for, grad_scaler_for  # noqa: F401 (re-exported)
 from mimkit.engine.rundir import RunLock, check_resume_compatible
-from mimkit.engine.schedule import warmup_cosine
+from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.errors import DataError, MimkitError, RunError
 from mimkit.eval.knn import knn_monitor
 from mimkit.models import model_from_config
@@ -245,7 +245,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         )
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     eff_batch = global_batch * t.accum_iter
-    base_lr = t.lr if t.lr is not None else t.blr * eff_batch / 256
+    base_lr = scaled_lr(t.lr, t.blr, eff_batch)
     warmup_steps = t.warmup_epochs * steps_per_epoch
     if warmup_steps >= total_steps:
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", warmup_steps, total_steps)
