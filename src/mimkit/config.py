@@ -72,6 +72,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where supported, fp32 on CPU) | bf16 | fp16 | off
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards weights and optimizer state; under torchrun)
     checkpoint_every: int = 1000  # optimizer steps
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -195,6 +196,7 @@ CHOICES = {
     "data.on_corrupt": ("error", "skip"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.strategy": ("ddp", "fsdp"),
     "emae.sc_distance": ("mse", "l1", "smooth_l1"),
     "emae.sc_target": ("other", "mean"),
     "teacher.schedule": ("cosine", "constant"),
