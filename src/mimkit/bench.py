@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -426,14 +426,22 @@ def _in_process(spec: BenchSpec, impl: str) -> dict[str, Any]:
         return {"impl": impl, "error": f"{type(e).__name__}: {e}"}
 
 
+def variant_label(overrides: list[str]) -> str:
+    """The row name of a mimkit variant: ``'mimkit decoder.predict_ratio=0.25'``."""
+    return " ".join(["mimkit", *overrides])
+
+
 def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds: int = 1,
               peak_tflops: float | None = None, timeout: float | None = None,
-              log: Callable[[str], None] = print, in_process: bool = False) -> dict[str, Any]:
+              log: Callable[[str], None] = print, in_process: bool = False,
+              variants: list[list[str]] = ()) -> dict[str, Any]:
     """Time every implementation in ``impls``; returns the JSON-ready report.
 
     With ``rounds > 1`` the implementations alternate (A, B, C, A, B, C, ...) and each one's
     fastest round (lowest median step time) is reported, which tames a noisy, shared machine.
     ``in_process`` runs them all in this process (quick, for tests; peak memory then mixes).
+    ``variants``: mimkit again with further ``key=value`` overrides each (for example
+    ``decoder.predict_ratio=0.25``), timed in the same rounds and reported against plain mimkit.
     """
     import timm
     import torch
@@ -446,22 +454,25 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
         if reason:
             skipped[impl] = reason
             log(f"skipping {impl}: {reason}")
-    todo = [i for i in impls if i not in skipped]
+    # (row name, implementation, spec): the variants are mimkit with their overrides appended
+    todo = [(i, i, spec) for i in impls if i not in skipped]
+    todo += [(variant_label(v), "mimkit", replace(spec, overrides=[*spec.overrides, *v])) for v in variants]
     for r in range(rounds):
-        for impl in todo:
-            log(f"round {r + 1}/{rounds}: {impl} ...")
-            row = _in_process(spec, impl) if in_process else _spawn(spec, impl, timeout)
-            row["round"] = r
+        for label, impl, run_spec in todo:
+            log(f"round {r + 1}/{rounds}: {label} ...")
+            row = _in_process(run_spec, impl) if in_process else _spawn(run_spec, impl, timeout)
+            row.update(impl=label, round=r)
             runs.append(row)
             if "error" in row:
-                log(f"  {impl} failed: {row['error']}")
-                skipped.setdefault(impl, row["error"])
+                log(f"  {label} failed: {row['error']}")
+                skipped.setdefault(label, row["error"])
                 continue
             log(f"  {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.1f} images/s")
-            if impl not in rows or row["ms_per_step"] < rows[impl]["ms_per_step"]:
-                rows[impl] = row
-    for impl in rows:
-        skipped.pop(impl, None)
+            if label not in rows or row["ms_per_step"] < rows[label]["ms_per_step"]:
+                rows[label] = row
+    for label in rows:
+        skipped.pop(label, None)
+    labels = [i for i in impls if i in rows] + [variant_label(v) for v in variants if variant_label(v) in rows]
 
     peak = peak_tflops
     if peak is None and spec.device == "cuda" and rows:
@@ -469,11 +480,21 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
     for row in rows.values():
         row["fraction_of_peak"] = row["achieved_tflops"] / peak if peak else None
 
-    ratios = {}
+    ratios, speedups = {}, {}
     if "mimkit" in rows:
         ours = rows["mimkit"]
         for impl, row in rows.items():
-            if impl != "mimkit":
+            if impl not in IMPLEMENTATIONS:  # a variant: its speed-up over plain mimkit
+                cpu = row.get("cpu_s_per_step"), ours.get("cpu_s_per_step")
+                speedups[impl] = {
+                    "throughput": row["images_per_s"] / ours["images_per_s"],
+                    "cpu_time": cpu[1] / cpu[0] if all(cpu) else None,
+                    "flops": row["flops_per_step"] / ours["flops_per_step"],
+                    "saved_activations": row["saved_activations_mib"] / ours["saved_activations_mib"],
+                    "peak_mem": (row["peak_mem_mib"] / ours["peak_mem_mib"]
+                                 if ours.get("peak_mem_mib") and row.get("peak_mem_mib") else None),
+                }
+            elif impl != "mimkit":
                 ratios[impl] = {
                     "throughput": ours["images_per_s"] / row["images_per_s"],
                     "peak_mem": (ours["peak_mem_mib"] / row["peak_mem_mib"]
@@ -487,9 +508,10 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
             "cuda": torch.version.cuda if spec.device == "cuda" else None,
             "peak_tflops": peak,
         },
-        "results": [rows[i] for i in impls if i in rows],
+        "results": [rows[label] for label in labels],
         "skipped": skipped,
         "ratios_mimkit_over": ratios,
+        "variants_over_mimkit": speedups,
         "rounds": runs,
         "rounds_rule": "fastest round (lowest median step time) per implementation",
         "isolation": "in-process" if in_process else "one subprocess per implementation and round",
@@ -524,6 +546,12 @@ def format_table(report: dict[str, Any]) -> str:
     for impl, r in ratios.items():
         mem = f", peak memory ×{r['peak_mem']:.2f}" if r["peak_mem"] else ""
         notes.append(f"mimkit/{impl}: throughput ×{r['throughput']:.2f}{mem}")
+    for label, r in report.get("variants_over_mimkit", {}).items():
+        extra = "".join(f", {name} ×{r[key]:.2f}" for key, name in
+                        (("cpu_time", "CPU time speed-up"), ("peak_mem", "peak memory"))
+                        if r.get(key) is not None)
+        notes.append(f"{label} vs mimkit: throughput ×{r['throughput']:.2f}{extra}, FLOPs ×{r['flops']:.2f}, "
+                     f"saved activations ×{r['saved_activations']:.2f}")
     notes += [f"skipped {impl}: {why}" for impl, why in report["skipped"].items()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -561,6 +589,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per process (default: all cores); on a shared machine use 1 and "
                         "compare 'CPU s/step', which busy neighbours barely change")
     p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time mimkit with these overrides, against plain mimkit (repeatable; "
+                        "e.g. --variant decoder.predict_ratio=0.25 --variant train.grad_checkpointing=true)")
     p.add_argument("--peak-tflops", type=float, default=None, help="chip peak for the %% column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds per implementation run")
@@ -584,9 +615,11 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if spec.iters < 1:
         raise ValueError("--iters must be at least 1")
     load_config(None, spec.config_overrides())  # fail early, naming a bad key
+    for variant in args.variant:
+        load_config(None, [*spec.config_overrides(), *variant])
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
     report = run_bench(spec, tuple(args.impl), args.rounds, args.peak_tflops, args.timeout, log,
-                       in_process=args.in_process)
+                       in_process=args.in_process, variants=args.variant)
     print(describe(spec))
     print(format_table(report))
     if args.json:

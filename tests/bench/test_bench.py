@@ -70,3 +70,21 @@ def test_flop_counter_counts_cpu_attention():
     # torch's flash-attention formulas: 2 products forward, 5 backward (scores recomputed),
     # each 2·(b·h)·s·s·d FLOPs; without the CPU mapping this would be 0
     assert counter.get_total_flops() == 7 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+def test_variants_are_timed_against_plain_mimkit(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--impl", "mimkit", "--in-process", "--json", str(out),
+            "--variant", "decoder.predict_ratio=0.25", "--variant", "train.grad_checkpointing=true"]
+    assert main(["bench", *argv]) == 0
+    report = json.loads(out.read_text())
+    labels = [r["impl"] for r in report["results"]]
+    assert labels == ["mimkit", "mimkit decoder.predict_ratio=0.25", "mimkit train.grad_checkpointing=true"]
+    speed = report["variants_over_mimkit"]
+    # partial reconstruction does less decoder work; checkpointing recomputes the forward
+    assert speed["mimkit decoder.predict_ratio=0.25"]["flops"] < 0.9
+    assert speed["mimkit train.grad_checkpointing=true"]["flops"] > 1.1
+    assert "mimkit decoder.predict_ratio=0.25 vs mimkit: throughput" in capsys.readouterr().out
+    # a bad variant fails before anything runs, as a one-line error naming the key
+    assert main(["bench", *TINY, "--impl", "mimkit", "--in-process", "--variant", "decoder.predict_ratio=2"]) == 2
+    assert "decoder.predict_ratio" in capsys.readouterr().err
