@@ -44,6 +44,7 @@ class DecoderConfig:
     """How much the MAE decoder reconstructs (the architecture's sizes are ``model.decoder_*``)."""
 
     predict_ratio: float = 1.0  # share of the masked patches decoded and scored; 1: all (MAE)
+    kind: str = "self"  # self (MAE: self-attention over all tokens) | cross (CrossMAE: queries attend to visible)
 
 
 @dataclass
@@ -199,6 +200,7 @@ class Config:
 
 CHOICES = {
     "data.on_corrupt": ("error", "skip"),
+    "decoder.kind": ("self", "cross"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
     "emae.sc_distance": ("mse", "l1", "smooth_l1"),

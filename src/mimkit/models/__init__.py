@@ -15,7 +15,7 @@ def model_from_config(cfg) -> MaskedAutoencoderViT:
         embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
         decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
         decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
-        norm_pix_loss=cfg.norm_pix_loss, mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss, mask_ratio=cfg.mask_ratio, decoder_kind=cfg.decoder.kind,
     )
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     return model

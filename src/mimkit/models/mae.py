@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed, to_2tuple
 from timm.models import checkpoint_seq
 from torch import nn
 
 from mimkit.masking import Masks, gather_tokens, random_masking
-from mimkit.models.vit import LayerNorm, make_blocks, patchify, sincos_2d, unpatchify
+from mimkit.models.vit import LayerNorm, make_blocks, make_cross_blocks, patchify, sincos_2d, unpatchify
 
 # Encoder presets: (embed_dim, depth, num_heads, patch_size). Decoder default 512-d, 8 blocks.
 ARCHS: dict[str, dict] = {
@@ -29,6 +30,7 @@ ARCHS: dict[str, dict] = {
         decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
     ),
 }
+DECODER_KINDS = ("self", "cross")  # MAE's self-attention decoder | CrossMAE's cross-attention one
 DECODER_DEFAULTS = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
 
 
@@ -65,8 +67,11 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         mask_ratio: float = 0.75,
+        decoder_kind: str = "self",
     ) -> None:
         super().__init__()
+        if decoder_kind not in DECODER_KINDS:
+            raise ValueError(f"decoder.kind: '{decoder_kind}' is not one of {', '.join(DECODER_KINDS)}")
         img_size = to_2tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
@@ -81,6 +86,9 @@ class MaskedAutoencoderViT(nn.Module):
             decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
         )
+        self.decoder_kind = decoder_kind
+        if decoder_kind != "self":  # recorded only when set, so MAE checkpoints keep their arch
+            self.arch["decoder_kind"] = decoder_kind
 
         # Encoder. Position tables are parameters with requires_grad=False, as in the
         # official code, so that official checkpoints carry and load them by name.
@@ -96,7 +104,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
         )
-        self.decoder_blocks = make_blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
+        make = make_cross_blocks if decoder_kind == "cross" else make_blocks
+        self.decoder_blocks = make(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         self.initialize_weights()
@@ -192,6 +201,8 @@ class MaskedAutoencoderViT(nn.Module):
         b, n1, dim = x.shape
         if ids_keep is None:
             ids_keep = torch.argsort(ids_restore, dim=1)[:, : n1 - 1]
+        if self.decoder_kind == "cross":
+            return self.forward_cross_decoder(x, ids_keep, ids_pred)
         if ids_pred is not None:
             return self.forward_partial_decoder(x, ids_keep, ids_pred)
         # Official: cat mask tokens, un-shuffle with ids_restore, cat cls, add the table. One
@@ -221,6 +232,26 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.run_blocks(self.decoder_blocks, x)
         # norm and prediction head only on the rows that are scored
         return self.decoder_pred(self.decoder_norm(x[:, rows.shape[1]:]))
+
+    def forward_cross_decoder(
+        self, x: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor | None
+    ) -> torch.Tensor:
+        """CrossMAE decoder: a mask-token query per patch in ``ids_pred`` (every patch when
+        None, in patch order) attends to the embedded visible tokens (B, 1+N, D') in each block.
+
+        Queries never attend to each other, so a patch's prediction does not depend on which
+        other patches are decoded.
+        """
+        b = x.shape[0]
+        pos = self.decoder_pos_embed.expand(b, -1, -1)
+        rows = torch.cat([ids_keep.new_zeros(b, 1), ids_keep + 1], dim=1)  # +1: cls is row 0
+        context = x + gather_tokens(pos, rows)
+        queries = self.mask_token + (pos[:, 1:] if ids_pred is None else gather_tokens(pos, ids_pred + 1))
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.decoder_blocks:
+            queries = (torch.utils.checkpoint.checkpoint(blk, queries, context, use_reentrant=False)
+                       if checkpointed else blk(queries, context))
+        return self.decoder_pred(self.decoder_norm(queries))
 
     def forward_loss(
         self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, ids_pred: torch.Tensor | None = None
