@@ -75,3 +75,13 @@ def test_cross_decoder_same_gradients_with_checkpointing():
         grads.append([p.grad.clone() for p in model.decoder_blocks.parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["emae", "mixedae", "rcmae"])
+def test_cross_decoder_serves_every_method(method):
+    cfg = load_config(None, [*TINY_OVERRIDES, f"method={method}", "decoder.kind=cross"])
+    objective = build_objective(cfg, model_from_config(cfg))
+    g = torch.Generator().manual_seed(0)
+    out = objective(torch.randn(8, 1, 16, 16, generator=g), torch.rand(8, 16, generator=g), 0.5)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == (8, 16, 16)
