@@ -106,7 +106,8 @@ def validate_study(s: StudyConfig) -> None:
 # Config keys that do not change what a pre-training run computes (evaluation settings come from
 # the study, bookkeeping only decides how often things are written).
 NOT_PRETRAINING = ("eval", "data.num_workers", "train.checkpoint_every", "train.keep_checkpoints",
-                   "train.log_every", "train.vis_every", "train.knn_every", "train.loggers")
+                   "train.log_every", "train.vis_every", "train.knn_every", "train.loggers",
+                   "train.grad_checkpointing", "train.strategy")
 
 
 def pretraining_key(cfg: Config) -> dict:
