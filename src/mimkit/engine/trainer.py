@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, save_config, to_dict
+from mimkit.data.build import WithNoise, log_run_summary, pretrain_dataset  # noqa: F401 (WithNoise: re-export)
 from mimkit.data.sampler import ShardedEpochSampler
 from mimkit.engine.checkpoint import (
     list_checkpoints,
@@ -47,17 +48,6 @@ class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
 
 
-class WithNoise:
-    """Transform wrapper that also draws the masking noise, inside the per-sample seeded scope,
-    so masks depend only on (seed, epoch, sample index) like the augmentation does."""
-
-    def __init__(self, transform, num_patches: int) -> None:
-        self.transform, self.num_patches = transform, num_patches
-
-    def __call__(self, img):
-        return self.transform(img), torch.rand(self.num_patches)
-
-
 def adamw_kernel(device: torch.device) -> dict:
     """Fused AdamW on CUDA and CPU (on CPU ~4x faster than foreach, which loops per tensor)."""
     return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
@@ -71,23 +61,6 @@ def autocast_for(amp: str, device: torch.device):
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def pretrain_dataset(cfg: Config, num_patches: int):
-    """The seeded pre-training dataset: (image, noise), label per sample."""
-    from mimkit.data import SeededDataset, build_dataset, pretrain_transform, stats_for
-
-    mean, std = stats_for(cfg)
-    transform = pretrain_transform(
-        cfg.model.img_size, mean, std, cfg.model.in_chans,
-        scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-    )
-    base = build_dataset(
-        cfg.data.name, cfg.data.root, "train", WithNoise(transform, num_patches),
-        on_corrupt=cfg.data.on_corrupt, synthetic_size=cfg.data.synthetic_size,
-        img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, seed=cfg.train.seed,
-    )
-    return SeededDataset(base, cfg.train.seed)
 
 
 class StopSignal:
@@ -161,6 +134,8 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
             raise RunError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
     t = cfg.train
     info, device = init_distributed(t.device)
+    # Before the config is saved: it may fill data.mean/std (data.stats=compute) and fit the batch.
+    dataset = pretrain_dataset(cfg, info.world_size)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
@@ -168,7 +143,6 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
     torch.manual_seed(t.seed)
     model = model_from_config(cfg)
     objective = build_objective(cfg, model).to(device)
-    dataset = pretrain_dataset(cfg, model.num_patches)
 
     global_batch = t.batch_size * info.world_size
     steps_per_epoch = len(dataset) // global_batch // t.accum_iter
@@ -193,6 +167,8 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step = state["step"]
+    if info.is_main:
+        log_run_summary(cfg, dataset, objective, device, info.world_size, steps_per_epoch, total_steps, step)
 
     # DDP averages gradients over ranks: with equal per-rank batches that is the gradient of
     # the global-batch loss, so N processes x batch b trains like 1 process x batch N*b.
