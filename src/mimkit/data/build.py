@@ -139,6 +139,10 @@ def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -
     from .transforms import pretrain_transform
 
     d = cfg.data
+    if val_fraction(cfg) == 0 and not has_test_split(d.name, d.root):
+        # Fail now rather than after training: reconstruction grids and evaluation need held-out images.
+        raise DataError(f"data.root: {d.root} has no test split and data.val_fraction is 0, so no image is held "
+                        "out for reconstructions and evaluation; set data.val_fraction=0.1 or add a test/ folder")
     if d.stats == "compute" and (d.mean is None or d.std is None):
         t0 = time.perf_counter()
         d.mean, d.std = compute_stats(cfg)

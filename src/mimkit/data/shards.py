@@ -136,8 +136,8 @@ def write_shards(images: str | os.PathLike, out: str | os.PathLike, max_count: i
                       path.suffix.lower().lstrip("."): path.read_bytes()}
             if label >= 0:
                 sample["cls"] = str(label).encode()
+            writer.write(sample)  # may close the previous shard first (done() reads labels so far)
             labels.append(label)
-            writer.write(sample)
         writer.close()
     written = [w for w in written if w["nsamples"]]
     desc = {"wids_version": 1, "name": Path(images).name, "classes": list(folder.classes), "shardlist": written}
