@@ -103,8 +103,8 @@ def load_images(sources: Sequence[str | Path], model: MaskedAutoencoderViT, mean
             batch.append(tf(load_image(f, mode)))
         except CorruptImageError as e:
             if on_corrupt != "skip":
-                raise DataError(f"{e}".replace("data.on_corrupt=skip", "--on-corrupt skip")) from None
-            logging.getLogger("mimkit").warning("skipping: %s", e)
+                raise DataError(f"{e.what}; remove it, or pass --on-corrupt skip") from None
+            logging.getLogger("mimkit").warning("--on-corrupt skip: skipping %s", e.what)
     if not batch:
         raise DataError(f"--images: none of the {len(files)} images could be read")
     return torch.stack(batch)

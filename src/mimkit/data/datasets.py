@@ -51,7 +51,14 @@ Transform = Callable[[Image.Image], Any] | None
 
 
 class CorruptImageError(DataError):
-    """One image that cannot be decoded; :class:`DataSplit` skips it under ``on_corrupt=skip``."""
+    """One image that cannot be decoded; :class:`DataSplit` skips it under ``on_corrupt=skip``.
+
+    ``what`` names the image and the reason, without the fix the full message adds.
+    """
+
+    def __init__(self, what: str, fix: str = "remove it, or set data.on_corrupt=skip") -> None:
+        super().__init__(f"{what}; {fix}")
+        self.what = what
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +146,8 @@ def _load_torchvision(name: str, root: str | None, split: str, transform: Transf
     cls_name, in_chans = _TORCHVISION[name]
     folder = data_root(name, root)
     if not is_present(name, folder):
-        unpack_local(name, folder)  # a local .gz copy (cache, Debian package) needs no network
+        # A local gzip copy needs no network: in data.root, or (default root) the cache or Debian's folder.
+        unpack_local(name, folder, elsewhere=root is None)
     if not is_present(name, folder):
         raise DataError(
             f"{name} is not in {folder} (data.root); get it with `{fetch_command(name, root)}`"
@@ -192,8 +200,7 @@ def load_image(source: str | os.PathLike | IO[bytes], mode: str, where: str | No
         with Image.open(source) as img:
             return img.convert(mode)  # convert forces decoding, so truncation shows here
     except Exception as e:  # PIL raises many types on corrupt files
-        raise CorruptImageError(f"cannot read image {where or source} ({type(e).__name__}: {e}); "
-                                "remove it, or set data.on_corrupt=skip") from None
+        raise CorruptImageError(f"cannot read image {where or source} ({type(e).__name__}: {e})") from None
 
 
 class ImageFolderDataset(Dataset):
@@ -391,7 +398,7 @@ class DataSplit(Dataset):
             except CorruptImageError as e:
                 if self.on_corrupt == "error":
                     raise
-                logger.warning("skipping: %s", e)
+                logger.warning("data.on_corrupt=skip: skipping %s", e.what)
                 self._bad.add(j)
         raise DataError(f"all {n} images of the {self.split} split are unreadable")
 

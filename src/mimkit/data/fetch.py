@@ -53,9 +53,10 @@ def is_present(name: str, folder: Path) -> bool:
     return batches.is_dir() and any(batches.iterdir())
 
 
-def _gzip_copies(name: str, folder: Path) -> list[Path]:
+def _gzip_copies(name: str, folder: Path, elsewhere: bool) -> list[Path]:
     sub = _IDX_SUBDIR[name]
-    return [folder / sub, folder, cache_dir() / sub, Path("/usr/share/datasets") / sub]
+    inside = [folder / sub, folder]
+    return [*inside, cache_dir() / sub, Path("/usr/share/datasets") / sub] if elsewhere else inside
 
 
 def _install_idx(src: Path, raw: Path) -> None:
@@ -69,11 +70,13 @@ def _install_idx(src: Path, raw: Path) -> None:
         os.replace(tmp, raw / stem)  # a file appears only when complete
 
 
-def unpack_local(name: str, folder: Path) -> bool:
-    """Lay out a local copy of ``name``'s IDX files (no network); True if one was found."""
+def unpack_local(name: str, folder: Path, elsewhere: bool = True) -> bool:
+    """Lay out a local copy of ``name``'s IDX files in ``folder`` (no network); True if one was
+    found. The copy is looked for in ``folder`` and, with ``elsewhere``, in the cache and in
+    Debian's ``/usr/share/datasets``."""
     if name not in _IDX_SUBDIR:
         return False
-    for src in _gzip_copies(name, folder):
+    for src in _gzip_copies(name, folder, elsewhere):
         if all((src / f"{f}.gz").is_file() or (src / f).is_file() for f in IDX_FILES):
             raw = _raw_folder(name, folder)
             logger.info("unpacking %s from %s into %s", name, src, raw)

@@ -224,6 +224,6 @@ class ShardDataset(Dataset):
         ext = next((e for e in sample if e.lstrip(".").lower() in _IMAGE_EXTS), None)
         where = f"shard {sample.get('__shard__')} key {sample.get('__key__')}"
         if ext is None:
-            raise CorruptImageError(f"{where}: no image member; set data.on_corrupt=skip to skip it")
+            raise CorruptImageError(f"{where}: no image member")
         img = load_image(sample[ext], self._mode, f"{where}{ext}")
         return (self.transform(img) if self.transform is not None else img), int(self.labels[index])

@@ -45,13 +45,14 @@ def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, s
 
 
 def labelled_dataset(cfg, split: str, transform: Callable | None = None, label_fraction: float = 1.0,
-                     max_samples: int = 0, seed: int | None = None) -> Dataset:
+                     max_samples: int = 0, seed: int | None = None, require_labels: bool = True) -> Dataset:
     """``split`` ("train" | "val" | "test") of cfg's data set with ``transform`` (default: the
     evaluation transform). ``train`` excludes the ``val`` images (``data.val_fraction``).
 
     ``label_fraction < 1`` keeps a seeded class-balanced subset (``data.label_fraction``);
     ``max_samples`` then caps the size with a seeded random subset. Raises a DataError if the
-    data set has no labels, or if the label subset leaves a class without an image.
+    data set has no labels (unless ``require_labels`` is False, e.g. for reconstruction
+    grids), or if the label subset leaves a class without an image.
     """
     from mimkit.data import dataset_from_config, eval_transform, stats_for
     from mimkit.errors import DataError
@@ -61,7 +62,7 @@ def labelled_dataset(cfg, split: str, transform: Callable | None = None, label_f
         mean, std = stats_for(cfg)
         transform = eval_transform(cfg.model.img_size, mean, std, cfg.model.in_chans)
     ds = dataset_from_config(cfg, split, transform)
-    if not getattr(ds, "num_classes", 0):
+    if require_labels and not getattr(ds, "num_classes", 0):
         raise DataError(f"data.root: {cfg.data.root or cfg.data.name} has no labels, which k-NN, linear probing "
                         "and fine-tuning need; put the images in one sub-folder per class")
     if label_fraction < 1.0:
