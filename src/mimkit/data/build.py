@@ -186,28 +186,39 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _method_factor(cfg) -> float:
+    """Rough cost of a method's step relative to MAE's: EMAE encodes K parts, RC-MAE adds a
+    teacher forward (about a third of a forward + backward)."""
+    from mimkit.config import method_parts
+
+    parts = method_parts(cfg.method)
+    factor = float(cfg.emae.num_parts or round(1 / (1 - cfg.mask_ratio))) if "emae" in parts else 1.0
+    return factor + (1 / 3 if "rcmae" in parts else 0.0)
+
+
 @torch.no_grad()
 def _seconds_per_step(objective, cfg, device: torch.device) -> float:
-    """One timed forward of a copy of the objective on random inputs, x3 for the backward pass
-    (a rule of thumb), scaled to the micro-batch and accumulation. RNG states are restored."""
+    """One timed forward of a copy of the (MAE) model on random inputs, x3 for the backward pass
+    (a rule of thumb), scaled to the batch, accumulation and method. The objective itself is
+    not called and RNG states are restored, so the run is unaffected."""
     from mimkit.engine.trainer import autocast_for
 
     t, b = cfg.train, min(cfg.train.batch_size, 8)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = copy.deepcopy(objective).eval()
+        probe = copy.deepcopy(objective.eval_model()).eval()
         imgs = torch.randn(b, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device)
         noise = torch.rand(b, num_patches_of(cfg), device=device)
         with autocast_for(t.amp, device):
-            probe(imgs, noise, 0.0)  # warm-up (allocations, kernels)
+            probe(imgs, noise=noise)  # warm-up (allocations, kernels)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            probe(imgs, noise, 0.0)
+            probe(imgs, noise=noise)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         del probe
-    return 3 * elapsed * t.batch_size / b * t.accum_iter
+    return 3 * elapsed * t.batch_size / b * t.accum_iter * _method_factor(cfg)
 
 
 def log_run_summary(cfg, dataset, objective, device: torch.device, world_size: int, steps_per_epoch: int,
@@ -251,7 +262,7 @@ def log_run_summary(cfg, dataset, objective, device: torch.device, world_size: i
         sec = _seconds_per_step(objective, cfg, device)
         info["estimated_s"] = sec * remaining
         lines.append(f"estimated time: ~{_fmt_time(sec * remaining)} ({sec:.2f} s/step, from one timed "
-                     "forward pass x3; data loading not included)")
+                     "forward pass; rough, data loading not included)")
     for line in lines:
         log.info("%s", line)
     return info
