@@ -159,3 +159,13 @@ def test_visualize_corrupt_image(tmp_path, folder_run, capsys):
     assert main(["visualize", "--checkpoint", ckpt, "--images", str(photos), "--out", str(out),
                  "--on-corrupt", "skip"]) == 0
     assert out.is_file()
+
+
+def test_folder_presets():
+    from mimkit.config import load_config
+
+    small, big = load_config("folder"), load_config("folder_vitb16")
+    assert (small.model.img_size, small.model.in_chans, small.data.stats) == (64, 3, "compute")
+    assert (big.model.arch, big.model.img_size, big.model.in_chans, big.data.stats) == \
+        ("vit_base_patch16", 224, 3, "imagenet")
+    assert small.data.min_steps_per_epoch == big.data.min_steps_per_epoch == 10
