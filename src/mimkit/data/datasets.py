@@ -57,6 +57,11 @@ class CorruptImageError(DataError):
     """
 
     def __init__(self, what: str, fix: str = "remove it, or set data.on_corrupt=skip") -> None:
+        if "\nOriginal Traceback" in what:  # re-raised from a DataLoader worker: keep its one line
+            message = what.strip().splitlines()[-1].split(": ", 1)[-1]
+            super().__init__(message)
+            self.what = message.split("; ")[0]
+            return
         super().__init__(f"{what}; {fix}")
         self.what = what
 
