@@ -107,7 +107,7 @@ def test_corrupt_image_in_training_is_one_line(tmp_path, capsys, workers):
                  "data.on_corrupt=error", "data.stats=imagenet", f"data.num_workers={workers}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("mimkit: error:") == 1 and "Traceback" not in err  # also from a DataLoader worker
-    line = next(ln for ln in err.splitlines() if ln.startswith("mimkit: error:"))
+    line = err.split("mimkit: error: ", 1)[1].splitlines()[0]  # after tqdm's \r-updated bar
     assert "cannot read image" in line and line.endswith("remove it, or set data.on_corrupt=skip")
 
 
