@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 STUDY ?= runs/study
 
-.PHONY: setup demo test lint study clean
+.PHONY: setup data demo test lint study clean
 
 setup: $(VENV)/.installed
 
@@ -15,12 +15,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-demo: setup
+# Data is an explicit step (library calls never download): a local copy, torchvision's download,
+# or Debian's dataset-fashion-mnist package on machines without internet. A no-op once present.
+data: setup
+	$(BIN)/mimkit data fetch fashion_mnist --apt-update
+
+demo: data
 	$(BIN)/mimkit demo --out $(OUT)
 
 # The methods compared on Fashion-MNIST (~1.5-2 h on 2 CPU cores; re-running resumes), then
 # docs/RESULTS.md and its plots from the run folders.
-study: setup
+study: data
 	$(BIN)/mimkit study --config fmnist_study --out $(STUDY)
 	$(BIN)/mimkit report --study $(STUDY) --out docs/RESULTS.md
 

@@ -43,7 +43,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         mean, std = dataset_stats(args.stats, model.in_chans)
     else:  # a mimkit checkpoint knows its data's normalization; official ones use ImageNet's
         mean, std = _checkpoint_stats(args.checkpoint) or dataset_stats("folder", model.in_chans)
-    imgs = load_images(args.images, model, mean, std, limit=args.num)
+    imgs = load_images(args.images, model, mean, std, limit=args.num, on_corrupt=args.on_corrupt)
     import torch
 
     g = torch.Generator().manual_seed(args.seed)
@@ -110,11 +110,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_make_shards(args: argparse.Namespace) -> None:
     from mimkit.data.shards import write_shards
 
-    try:
-        out = write_shards(args.images, args.out, args.max_count, args.max_size, args.split)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"mimkit: error: {e}") from None
-    print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards")
+    out = write_shards(args.images, args.out, args.max_count, args.max_size, args.split)
+    print(f"wrote {out.num_samples} samples ({len(out.classes)} classes) to {len(out.shards)} shards, "
+          f"index {out.index}")
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from mimkit.data.fetch import fetch
+
+    print(f"{args.name} is ready in {fetch(args.name, args.root, apt_update=args.apt_update)}")
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data set whose mean/std normalise inputs (default: the checkpoint's, else ImageNet)")
     p.add_argument("--mean", type=float, nargs="+", default=None)
     p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--on-corrupt", default="error", choices=["error", "skip"],
+                   help="an unreadable image: stop with an error, or skip it (like data.on_corrupt)")
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("eval", help="evaluate an encoder: k-NN, linear probe or fine-tuning")
@@ -215,9 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/RESULTS.md", help="markdown file (plots go beside it)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("make-shards", help="write an image folder to WebDataset-style tar shards")
+    p = sub.add_parser("data", help="data sets: fetch Fashion-MNIST, MNIST, CIFAR-10/100")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("fetch", help="download (or unpack a local copy of) a data set; training never downloads")
+    q.add_argument("name", choices=["fashion_mnist", "mnist", "cifar10", "cifar100"])
+    q.add_argument("--root", default=None, help="folder to put it in (default: $MIMKIT_CACHE or ~/.cache/mimkit)")
+    q.add_argument("--apt-update", action="store_true",
+                   help="fashion_mnist via Debian's package: run apt-get update if apt-get download fails (root)")
+    q.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("make-shards", help="write an image folder to WebDataset shards plus a wids index")
     p.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
-    p.add_argument("--out", required=True, help="shard name pattern, e.g. shards/shard-%%06d.tar")
+    p.add_argument("--out", required=True, help="output folder (shard-000000.tar, ..., index.json)")
     p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
     p.add_argument("--max-size", type=int, default=None, help="bytes per shard at most (about)")
     p.add_argument("--split", default="train", help="train | test, for folders with train/ and test/")

@@ -53,14 +53,18 @@ class DecoderConfig:
 class DataConfig:
     name: str = "folder"  # folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
     root: str | None = None
-    mean: list[float] | None = None  # None: the data set's usual statistics
+    stats: str = "dataset"  # dataset (its usual mean/std; ImageNet's for folders) | imagenet | compute
+    mean: list[float] | None = None  # explicit normalization; data.stats=compute fills these in
     std: list[float] | None = None
+    val_fraction: float | None = None  # held out of train as 'val'; None: 0 with a test split, else 0.1
+    split_seed: int = 0  # seeds the train/val partition (docs/data.md)
+    min_steps_per_epoch: int = 1  # shrink accum, then batch, until an epoch has this many steps; 0: off
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     num_workers: int = 4
     on_corrupt: str = "error"  # error | skip
     synthetic_size: int = 512
-    label_fraction: float = 1.0  # evaluation: seeded class-balanced subset of the labels
+    label_fraction: float = 1.0  # evaluation: seeded class-balanced subset of the training labels
 
 
 @dataclass
@@ -177,6 +181,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
+    split: str = "test"  # test (published numbers) | val (choosing settings; carved from train)
     knn_k: int = 20
     knn_temperature: float = 0.07
     feature: str = "cls"  # k-NN features: cls | mean | both
@@ -205,6 +210,8 @@ class Config:
 CHOICES = {
     "data.on_corrupt": ("error", "skip"),
     "decoder.kind": ("self", "cross"),
+    "data.stats": ("dataset", "imagenet", "compute"),
+    "eval.split": ("test", "val"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.strategy": ("ddp", "fsdp"),
@@ -432,6 +439,11 @@ def validate(cfg: Config) -> None:
     for name in t.loggers:
         if name not in ("tensorboard", "wandb", "mlflow"):
             raise ConfigError(f"train.loggers: unknown logger '{name}'; choose from tensorboard, wandb, mlflow")
+    vf = cfg.data.val_fraction
+    if vf is not None and not 0.0 <= vf < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {vf}")
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError("data.mean and data.std: set both or neither")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: expected two values, got {t.betas}")
     _validate_methods(cfg)

@@ -194,11 +194,9 @@ class Study:
         atomic_write_text(self.index_path, json.dumps(self.index, indent=2))
 
     def split_size(self, split: str) -> int:
-        from mimkit.data import build_dataset
+        from mimkit.data import dataset_from_config
 
-        b = self.base
-        return len(build_dataset(b.data.name, b.data.root, split, None, synthetic_size=b.data.synthetic_size,
-                                 img_size=b.model.img_size, in_chans=b.model.in_chans, seed=0))
+        return len(dataset_from_config(self.base, split))
 
     @functools.cached_property
     def steps_per_epoch(self) -> int:

@@ -70,34 +70,41 @@ def save_reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, pa
     return path
 
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-
-
 def load_images(sources: Sequence[str | Path], model: MaskedAutoencoderViT, mean: Sequence[float],
-                std: Sequence[float], limit: int = 8) -> torch.Tensor:
-    """Image files, or folders searched recursively, as a normalized batch for ``model``."""
-    from PIL import Image
+                std: Sequence[float], limit: int = 8, on_corrupt: str = "error") -> torch.Tensor:
+    """Image files, or folders searched recursively, as a normalized batch for ``model``.
 
-    from mimkit.data import eval_transform
+    Unreadable images raise a :class:`~mimkit.errors.DataError` naming the file, or with
+    ``on_corrupt="skip"`` are skipped with a warning (as ``data.on_corrupt`` does in training).
+    """
+    import logging
+
+    from mimkit.data import IMAGE_EXTENSIONS, CorruptImageError, eval_transform, load_image
+    from mimkit.errors import DataError
 
     files: list[Path] = []
     for src in sources:
         src = Path(src)
         if src.is_dir():
-            files += sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            files += sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         elif src.is_file():
             files.append(src)
         else:
-            raise FileNotFoundError(f"no such image file or folder: {src}")
+            raise DataError(f"--images: no such image file or folder: {src}")
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {list(sources)}")
+        raise DataError(f"--images: no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, sources))}")
     tf = eval_transform(model.img_size[0], mean, std, model.in_chans)
+    mode = "L" if model.in_chans == 1 else "RGB"
     batch = []
-    for f in files[:limit]:
+    for f in files:
+        if len(batch) == limit:
+            break
         try:
-            with Image.open(f) as im:
-                im.load()
-                batch.append(tf(im.convert("RGB")))
-        except Exception as e:
-            raise RuntimeError(f"cannot read image {f}: {e}") from None
+            batch.append(tf(load_image(f, mode)))
+        except CorruptImageError as e:
+            if on_corrupt != "skip":
+                raise DataError(f"{e.what}; remove it, or pass --on-corrupt skip") from None
+            logging.getLogger("mimkit").warning("--on-corrupt skip: skipping %s", e.what)
+    if not batch:
+        raise DataError(f"--images: none of the {len(files)} images could be read")
     return torch.stack(batch)

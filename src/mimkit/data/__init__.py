@@ -3,42 +3,53 @@
 from .datasets import (
     DATASET_NAMES,
     IMAGE_EXTENSIONS,
-    ArrayDataset,
+    SPLITS,
+    CorruptImageError,
+    DataSplit,
     ImageFolderDataset,
     SeededDataset,
     SyntheticDataset,
     build_dataset,
     cache_dir,
     dataset_stats,
-    find_idx_root,
-    read_idx,
+    load_image,
+    split_indices,
 )
-from .shards import IterableShardDataset, ShardDataset, write_shards
 from .transforms import ConvertChannels, eval_transform, pretrain_transform
 
 __all__ = [
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
-    "ArrayDataset",
+    "SPLITS",
     "ConvertChannels",
+    "CorruptImageError",
+    "DataSplit",
     "ImageFolderDataset",
-    "IterableShardDataset",
     "SeededDataset",
-    "ShardDataset",
     "SyntheticDataset",
     "build_dataset",
     "cache_dir",
+    "dataset_from_config",
     "dataset_stats",
     "eval_transform",
-    "find_idx_root",
+    "load_image",
     "pretrain_transform",
-    "read_idx",
-    "write_shards",
+    "split_indices",
+    "stats_for",
 ]
 
 
 def stats_for(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalization of a run: ``data.mean``/``data.std`` if set, else the data set's usual one."""
+    """Normalization of a run: ``data.mean``/``data.std`` if set (``data.stats=compute`` stores
+    them there), ImageNet's for ``data.stats=imagenet``, else the data set's usual one."""
     if cfg.data.mean is not None and cfg.data.std is not None:
         return tuple(cfg.data.mean), tuple(cfg.data.std)
-    return dataset_stats(cfg.data.name, cfg.model.in_chans)
+    name = "folder" if getattr(cfg.data, "stats", "dataset") == "imagenet" else cfg.data.name
+    return dataset_stats(name, cfg.model.in_chans)
+
+
+def dataset_from_config(cfg, split: str, transform=None):
+    """``split`` ("train" | "val" | "test") of the run's data set, as configured in ``cfg.data``."""
+    from .build import dataset_from_config as build
+
+    return build(cfg, split, transform)

@@ -1,28 +1,24 @@
-"""Datasets for mimkit: IDX (Fashion-)MNIST, CIFAR pickles, image folders and synthetic data.
+"""Datasets for mimkit: torchvision's (Fashion-)MNIST and CIFAR, image folders, shards, synthetic.
 
 Every dataset returns ``(image, label)``: ``image`` is whatever ``transform`` returns (a PIL
 image when ``transform`` is None) and ``label`` is an ``int`` (-1 for unlabeled data). Every
-dataset exposes ``num_classes`` (0 if unlabeled) and ``in_chans`` (native channel count).
+dataset exposes ``num_classes`` (0 if unlabeled), ``in_chans`` (channels it delivers) and
+``labels`` (one int per sample, read without decoding images).
+
+Splits (:func:`build_dataset`): ``train`` and ``val`` are carved from the source's training
+images by :func:`split_indices` (``val_fraction``, ``split_seed``); ``test`` is the source's own
+test split. Library calls never download anything: ``mimkit data fetch NAME`` does
+(:mod:`mimkit.data.fetch`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import gzip
 import logging
 import math
 import os
-import pickle
 import random
-import shutil
-import struct
-import subprocess
-import tempfile
-import urllib.request
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,9 +27,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mimkit.errors import DataError
+
 logger = logging.getLogger("mimkit")
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "shards", "synthetic")
+SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +50,22 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 Transform = Callable[[Image.Image], Any] | None
 
 
+class CorruptImageError(DataError):
+    """One image that cannot be decoded; :class:`DataSplit` skips it under ``on_corrupt=skip``.
+
+    ``what`` names the image and the reason, without the fix the full message adds.
+    """
+
+    def __init__(self, what: str, fix: str = "remove it, or set data.on_corrupt=skip") -> None:
+        if "\nOriginal Traceback" in what:  # re-raised from a DataLoader worker: keep its one line
+            message = what.strip().splitlines()[-1].split(": ", 1)[-1]
+            super().__init__(message)
+            self.what = message.split("; ")[0]
+            return
+        super().__init__(f"{what}; {fix}")
+        self.what = what
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers shared by all datasets
 # --------------------------------------------------------------------------------------------
@@ -61,14 +76,12 @@ def _canonical_name(name: str) -> str:
     if key not in DATASET_NAMES:
         close = difflib.get_close_matches(key, DATASET_NAMES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown dataset {name!r}; valid names are {', '.join(DATASET_NAMES)}.{hint}"
-        )
+        raise DataError(f"data.name: unknown data set {name!r}; valid names are {', '.join(DATASET_NAMES)}.{hint}")
     return key
 
 
 def _check_split(split: str) -> str:
-    split = {"val": "test"}.get(split, split)
+    """A source split: ``train`` or ``test`` (``val`` is carved from ``train`` by build_dataset)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return split
@@ -89,7 +102,7 @@ def _match_channels(values: Sequence[float], in_chans: int) -> tuple[float, ...]
 def dataset_stats(
     name: str, in_chans: int | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel normalization ``(mean, std)`` for ``name``.
+    """Per-channel normalization ``(mean, std)`` for ``name`` (ImageNet's for folders and shards).
 
     Native channel count by default; pass ``in_chans`` to get statistics matching a channel
     conversion (gray repeated to RGB, or RGB averaged to gray).
@@ -101,328 +114,57 @@ def dataset_stats(
 
 
 def cache_dir() -> Path:
-    """Download cache: ``$MIMKIT_CACHE`` or ``~/.cache/mimkit``."""
+    """Data cache and default ``data.root``: ``$MIMKIT_CACHE`` or ``~/.cache/mimkit``."""
     return Path(os.environ.get("MIMKIT_CACHE") or Path.home() / ".cache" / "mimkit").expanduser()
 
 
-class ArrayDataset(Dataset):
-    """In-memory uint8 images, shape (N, H, W) (gray) or (N, H, W, C), with integer labels."""
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        num_classes: int,
-        transform: Transform = None,
-        classes: list[str] | None = None,
-    ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.num_classes = num_classes
-        self.in_chans = 1 if images.ndim == 3 else int(images.shape[-1])
-        self.transform = transform
-        self.classes = classes if classes is not None else [str(c) for c in range(num_classes)]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[index])
+def dataset_labels_of(ds: Dataset) -> np.ndarray:
+    """Labels of a base data set without decoding images (``labels``, ``targets`` or ``samples``)."""
+    for attr in ("labels", "targets"):
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr), dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
-# IDX files: MNIST and Fashion-MNIST
+# torchvision data sets: Fashion-MNIST, MNIST, CIFAR-10/100 (files from `mimkit data fetch`)
 # --------------------------------------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-_ALL_IDX_FILES = tuple(f"{stem}.gz" for pair in _IDX_FILES.values() for stem in pair)
-
-
-@dataclass(frozen=True)
-class _IdxSource:
-    subdir: str  # folder name inside the cache
-    system_dirs: tuple[str, ...]  # where a distribution package installs the files
-    deb_package: str | None
-    url: str
-
-
-_IDX_SOURCES = {
-    # `dpkg -c` of dataset-fashion-mnist 0.0~git20200523.55506a9-1 (Debian bookworm) lists
-    # ./usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
-    "fashion_mnist": _IdxSource(
-        subdir="fashion-mnist",
-        system_dirs=("/usr/share/datasets/fashion-mnist",),
-        deb_package="dataset-fashion-mnist",
-        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    ),
-    # Debian has no MNIST package: only root / cache / upstream.
-    "mnist": _IdxSource(
-        subdir="mnist",
-        system_dirs=(),
-        deb_package=None,
-        url="https://ossci-datasets.s3.amazonaws.com/mnist/",
-    ),
+_TORCHVISION = {  # name -> (torchvision class, channels)
+    "fashion_mnist": ("FashionMNIST", 1),
+    "mnist": ("MNIST", 1),
+    "cifar10": ("CIFAR10", 3),
+    "cifar100": ("CIFAR100", 3),
 }
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parse an IDX file (gzip-compressed or raw) into a numpy array.
+def data_root(name: str, root: str | os.PathLike | None) -> Path:
+    """Where torchvision looks for ``name``: ``root`` or :func:`cache_dir` (the fetch default)."""
+    return Path(root).expanduser().absolute() if root else cache_dir()
 
-    Raises ``ValueError`` naming the file if it is truncated or not an IDX file.
-    """
-    path = Path(path)
+
+def _load_torchvision(name: str, root: str | None, split: str, transform: Transform) -> Dataset:
+    import torchvision.datasets as tvd
+
+    from .fetch import fetch_command, is_present, unpack_local
+
+    cls_name, in_chans = _TORCHVISION[name]
+    folder = data_root(name, root)
+    if not is_present(name, folder):
+        # A local gzip copy needs no network: in data.root, or (default root) the cache or Debian's folder.
+        unpack_local(name, folder, elsewhere=root is None)
+    if not is_present(name, folder):
+        raise DataError(
+            f"{name} is not in {folder} (data.root); get it with `{fetch_command(name, root)}`"
+        )
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"Cannot read IDX file {path}: {e}") from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (magic number {data[:4].hex() or 'empty'})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"IDX file {path} is truncated: header needs {header} bytes")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(
-            f"IDX file {path} is truncated or corrupt: shape {dims} needs {expected} bytes, "
-            f"file has {len(data)}"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
-
-
-def _idx_file(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _has_idx_files(folder: Path, splits: Sequence[str] = ("train", "test")) -> bool:
-    return all(_idx_file(folder, stem) for s in splits for stem in _IDX_FILES[s])
-
-
-def find_idx_root(
-    name: str, root: str | os.PathLike | None = None, *, download: bool = True
-) -> Path:
-    """Locate the folder holding the IDX files of ``"fashion_mnist"`` or ``"mnist"``.
-
-    With ``root``: use it (or its ``fashion-mnist``/``mnist`` sub-folder). Without: search the
-    Debian package location, then ``cache_dir()``; if still missing and ``download`` is True,
-    fetch into the cache (Debian package first, then the upstream URLs).
-    """
-    source = _IDX_SOURCES[_canonical_name(name)]
-    if root is not None:
-        for folder in (Path(root), Path(root) / source.subdir):
-            if _has_idx_files(folder, ("train",)) or _has_idx_files(folder, ("test",)):
-                return folder
-        raise FileNotFoundError(
-            f"No {name} IDX files in {root}; expected {', '.join(_ALL_IDX_FILES)} "
-            "(gzip-compressed or not)"
-        )
-    cache = cache_dir() / source.subdir
-    for folder in (*map(Path, source.system_dirs), cache):
-        if _has_idx_files(folder):
-            logger.debug("Found %s in %s", name, folder)
-            return folder
-    if not download:
-        raise FileNotFoundError(
-            f"{name} not found in {', '.join([*source.system_dirs, str(cache)])}"
-        )
-    _fetch_idx(name, source, cache)
-    return cache
-
-
-@contextlib.contextmanager
-def _atomic_writer(dst: Path, validate: Callable[[Path], Any] | None = None) -> Iterator[IO]:
-    """Write to a temp file next to ``dst``, validate it, then ``os.replace`` it into place."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        if validate is not None:
-            validate(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-_apt_updated = False
-
-
-def _apt_download(package: str, workdir: Path) -> Path:
-    """``apt-get download`` a package into ``workdir`` (running ``apt-get update`` once if root)."""
-    global _apt_updated
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise RuntimeError("apt-get/dpkg not available")
-    cmd = ["apt-get", "download", package]
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
-    if result.returncode != 0 and not _apt_updated and hasattr(os, "geteuid") and os.geteuid() == 0:
-        logger.info("apt-get download failed (%s); running apt-get update", result.stderr.strip())
-        _apt_updated = True
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True)
-        result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"apt-get download {package} failed: {result.stderr.strip()}")
-    debs = sorted(workdir.glob(f"{package}_*.deb"))
-    if not debs:
-        raise RuntimeError(f"apt-get download {package} produced no .deb in {workdir}")
-    return debs[0]
-
-
-def _fetch_from_debian(source: _IdxSource, dest: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="mimkit-deb-") as tmp:
-        logger.info("Downloading Debian package %s", source.deb_package)
-        deb = _apt_download(source.deb_package, Path(tmp))
-        subprocess.run(["dpkg", "-x", str(deb), f"{tmp}/x"], check=True, capture_output=True)
-        extracted = Path(tmp, "x", source.system_dirs[0].lstrip("/"))
-        for fname in _ALL_IDX_FILES:
-            logger.info("Installing %s into %s", fname, dest)
-            with open(extracted / fname, "rb") as src, _atomic_writer(dest / fname, read_idx) as f:
-                shutil.copyfileobj(src, f)
-
-
-def _fetch_from_upstream(source: _IdxSource, dest: Path) -> None:
-    for fname in _ALL_IDX_FILES:
-        if _idx_file(dest, fname.removesuffix(".gz")):
-            continue
-        logger.info("Downloading %s%s", source.url, fname)
-        with (
-            urllib.request.urlopen(source.url + fname, timeout=60) as response,
-            _atomic_writer(dest / fname, read_idx) as f,
-        ):
-            shutil.copyfileobj(response, f)
-
-
-def _fetch_idx(name: str, source: _IdxSource, dest: Path) -> None:
-    logger.info("%s not found locally; fetching into %s", name, dest)
-    errors = []
-    fetchers = [("upstream", _fetch_from_upstream)]
-    if source.deb_package:
-        fetchers.insert(0, (f"Debian package {source.deb_package}", _fetch_from_debian))
-    for label, fetch in fetchers:
-        try:
-            fetch(source, dest)
-        except Exception as e:  # any failure means: try the next source
-            logger.warning("Fetching %s from %s failed: %s", name, label, e)
-            errors.append(f"{label}: {e}")
-            continue
-        if _has_idx_files(dest):
-            logger.info("%s is ready in %s", name, dest)
-            return
-    hint = f", or run `apt-get install {source.deb_package}`" if source.deb_package else ""
-    raise RuntimeError(
-        f"Could not fetch {name} ({'; '.join(errors)}). Put {', '.join(_ALL_IDX_FILES)} into "
-        f"{dest} or pass root=<folder>{hint}."
-    )
-
-
-def _load_idx(name: str, root: str | None, split: str, transform: Transform) -> ArrayDataset:
-    folder = find_idx_root(name, root)
-    stems = _IDX_FILES[split]
-    paths = [_idx_file(folder, stem) for stem in stems]
-    if None in paths:
-        raise FileNotFoundError(f"Missing {split} files in {folder}: expected {', '.join(stems)}")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or images.dtype != np.uint8:
-        raise ValueError(
-            f"Unexpected IDX layout: {paths[0]} {images.dtype}{images.shape}, "
-            f"{paths[1]} {labels.dtype}{labels.shape}"
-        )
-    logger.debug("Loaded %d %s %s images from %s", len(images), name, split, folder)
-    return ArrayDataset(images, labels, num_classes=10, transform=transform)
-
-
-# --------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100 (python pickle format)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _CifarLayout:
-    folder: str
-    train: tuple[str, ...]
-    test: tuple[str, ...]
-    label_key: bytes
-    meta: str
-    names_key: bytes
-    num_classes: int
-
-
-_CIFAR = {
-    "cifar10": _CifarLayout(
-        "cifar-10-batches-py",
-        tuple(f"data_batch_{i}" for i in range(1, 6)),
-        ("test_batch",),
-        b"labels",
-        "batches.meta",
-        b"label_names",
-        10,
-    ),
-    "cifar100": _CifarLayout(
-        "cifar-100-python", ("train",), ("test",), b"fine_labels", "meta", b"fine_label_names", 100
-    ),
-}
-
-
-def _unpickle(path: Path) -> dict:
-    """Load a CIFAR batch. These are Python pickles: only load them from trusted sources."""
-    with open(path, "rb") as f:
-        obj = pickle.load(f, encoding="bytes")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a CIFAR batch (got {type(obj).__name__})")
-    return {(k.encode() if isinstance(k, str) else k): v for k, v in obj.items()}
-
-
-def _load_cifar(name: str, root: str | None, split: str, transform: Transform) -> ArrayDataset:
-    """CIFAR from its python-pickle batches. Pickles can run code: use trusted files only."""
-    layout = _CIFAR[name]
-    files = getattr(layout, split)
-    candidates = [Path(root), Path(root) / layout.folder] if root else [cache_dir() / layout.folder]
-    folder = next((c for c in candidates if all((c / f).is_file() for f in files)), None)
-    if folder is None:
-        raise FileNotFoundError(
-            f"No {name} {split} batches ({', '.join(files)}) in {' or '.join(map(str, candidates))}"
-        )
-    images, labels = [], []
-    for fname in files:
-        batch = _unpickle(folder / fname)
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(
-                f"{folder / fname}: expected data of shape (N, 3072), got {data.shape}"
-            )
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[layout.label_key], dtype=np.int64))
-    classes = None
-    if (folder / layout.meta).is_file():
-        names = _unpickle(folder / layout.meta).get(layout.names_key)
-        if names:
-            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    return ArrayDataset(
-        np.ascontiguousarray(np.concatenate(images)),
-        np.concatenate(labels),
-        num_classes=layout.num_classes,
-        transform=transform,
-        classes=classes,
-    )
+        ds = getattr(tvd, cls_name)(str(folder), train=split == "train", transform=transform, download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"{name} in {folder} is incomplete or corrupt ({e}); "
+                        f"fetch it again with `{fetch_command(name, root)}`") from None
+    ds.num_classes, ds.in_chans = len(ds.classes), in_chans
+    ds.labels = np.asarray(ds.targets, dtype=np.int64)
+    return ds
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,99 +176,98 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def _scan_images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
+def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(images, other files) under ``folder``, recursively, in path order (hidden files ignored)."""
+    images, other = [], []
+    for p in sorted(folder.rglob("*"), key=lambda p: p.as_posix()):
+        if p.is_file() and not p.name.startswith("."):
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+    return images, other
+
+
+def split_folder(root: Path, split: str) -> Path | None:
+    """The folder holding source ``split``: ``root/train`` and ``root/test`` (or ImageNet's
+    ``root/val``) when ``root/train`` exists, else ``root`` itself for ``train`` and None (no
+    test split) for ``test``."""
+    if not (root / "train").is_dir():
+        return root if split == "train" else None
+    if split == "train":
+        return root / "train"
+    return next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+
+
+def load_image(source: str | os.PathLike | IO[bytes], mode: str, where: str | None = None) -> Image.Image:
+    """Decode an image (file or stream) fully into ``mode`` ("L" or "RGB").
+
+    A :class:`CorruptImageError` names ``where`` (default: the path) and the fix.
+    """
+    try:
+        with Image.open(source) as img:
+            return img.convert(mode)  # convert forces decoding, so truncation shows here
+    except Exception as e:  # PIL raises many types on corrupt files
+        raise CorruptImageError(f"cannot read image {where or source} ({type(e).__name__}: {e})") from None
 
 
 class ImageFolderDataset(Dataset):
-    """Recursive image folder; labels from top-level sub-folder names when there are any.
+    """Recursive image folder; labeled by top-level sub-folder when every image is in one.
 
-    ``root/train`` + ``root/test`` (or ``root/val``) select the split; otherwise the whole folder
-    serves both splits. ``on_corrupt="skip"`` replaces unreadable images by the next valid one.
+    ``root/train`` + ``root/test`` (or ``root/val``, ImageNet's layout) are the source splits;
+    otherwise the whole folder is the training split. Images are converted to RGB
+    (``in_chans=3``) or gray (``in_chans=1``). An undecodable image raises
+    :class:`CorruptImageError` (:class:`DataSplit` skips it under ``on_corrupt=skip``).
+    ``skipped_files`` lists the files that are not images.
     """
 
     def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        transform: Transform = None,
-        *,
-        on_corrupt: str = "error",
-        in_chans: int = 3,
+        self, root: str | os.PathLike, split: str = "train", transform: Transform = None, *, in_chans: int = 3
     ) -> None:
-        if on_corrupt not in ("error", "skip"):
-            raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         root = Path(root).expanduser().absolute()  # error messages show full paths
         if not root.is_dir():
-            raise FileNotFoundError(f"Image folder {root} does not exist")
-        self.root = self._split_dir(root, _check_split(split))
-        self.transform, self.on_corrupt, self.in_chans = transform, on_corrupt, in_chans
+            what = "is a file" if root.exists() else "does not exist"
+            raise DataError(f"data.root: {root} {what}; expected a folder of images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}), optionally in one sub-folder per class")
+        folder = split_folder(root, _check_split(split))
+        if folder is None:
+            raise DataError(f"{root} has no test split (no test/ or val/ folder beside train/)")
+        self.root = folder
+        self.transform, self.in_chans = transform, in_chans
         self._mode = "L" if in_chans == 1 else "RGB"
-        self._bad: set[int] = set()
 
-        subdirs = sorted(d for d in self.root.iterdir() if d.is_dir())
-        per_class = [(d.name, _scan_images(d)) for d in subdirs]
+        loose = _scan_top(folder)[0]
+        subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        per_class = [(d.name, _scan(d)[0]) for d in subdirs]
         per_class = [(c, files) for c, files in per_class if files]
-        if per_class:
-            loose = [p for p in self.root.iterdir() if _is_image(p)]
-            if loose:
-                logger.warning(
-                    "Ignoring %d images directly in %s (not in a class folder)",
-                    len(loose),
-                    self.root,
-                )
+        images, self.skipped_files = _scan(folder)
+        if per_class and not loose:  # every image is in a class folder: labeled
             self.classes = [c for c, _ in per_class]
             self.samples = [(p, label) for label, (_, fs) in enumerate(per_class) for p in fs]
-        else:
+        else:  # loose images (with or without sub-folders): all images, unlabeled
+            if per_class:
+                logger.info("%s has images outside sub-folders: using all %d images, unlabeled", folder, len(images))
             self.classes = []
-            self.samples = [(p, -1) for p in _scan_images(self.root)]
+            self.samples = [(p, -1) for p in images]
         self.num_classes = len(self.classes)
+        self.labels = np.asarray([label for _, label in self.samples], dtype=np.int64)
         if not self.samples:
-            raise FileNotFoundError(
-                f"No images found in {self.root}; accepted extensions (any case): "
-                f"{', '.join(IMAGE_EXTENSIONS)}"
-            )
-
-    @staticmethod
-    def _split_dir(root: Path, split: str) -> Path:
-        if not (root / "train").is_dir():
-            return root
-        if split == "train":
-            return root / "train"
-        for name in ("test", "val"):
-            if (root / name).is_dir():
-                return root / name
-        raise FileNotFoundError(f"{root} has a train/ folder but no test/ or val/ folder")
+            raise DataError(f"data.root: no images in {folder}; expected files ending in "
+                            f"{', '.join(IMAGE_EXTENSIONS)} (any case), optionally in class sub-folders")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            return img.convert(self._mode)  # forces decoding, so truncation is caught here
-
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        n = len(self.samples)
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._bad:
-                continue
-            path, label = self.samples[j]
-            try:
-                img = self._load(path)
-            except Exception as e:  # PIL raises many types on corrupt files
-                reason = f"{type(e).__name__}: {e}"
-                if self.on_corrupt == "error":
-                    raise RuntimeError(f"Cannot read image {path}: {reason}") from e
-                logger.warning("Skipping unreadable image %s (%s)", path, reason)
-                self._bad.add(j)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, label
-        raise RuntimeError(f"All {n} images in {self.root} are unreadable")
+        path, label = self.samples[index]
+        img = load_image(path, self._mode)
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def _scan_top(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Images and other files directly in ``folder`` (not in sub-folders)."""
+    files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
+                   key=lambda p: p.as_posix())
+    return [p for p in files if _is_image(p)], [p for p in files if not _is_image(p)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,6 +302,7 @@ class SyntheticDataset(Dataset):
         self.size, self.img_size, self.in_chans, self.seed = size, img_size, in_chans, seed
         self.num_classes, self.transform = num_classes, transform
         self.classes = [f"class_{c}" for c in range(num_classes)]
+        self.labels = np.arange(size, dtype=np.int64) % num_classes
         self._offset = self.TEST_OFFSET if _check_split(split) == "test" else 0
         coords = torch.linspace(-1.0, 1.0, img_size)
         self._yy, self._xx = torch.meshgrid(coords, coords, indexing="ij")
@@ -599,8 +341,96 @@ class SyntheticDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point and per-sample seeding
+# Splits, corrupt images, entry point
 # --------------------------------------------------------------------------------------------
+
+
+def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, val)`` indices of a source training split of ``n`` images.
+
+    ``perm = randperm(n)`` seeded with ``seed`` (``data.split_seed``); the first
+    ``round(n * val_fraction)`` entries are the validation split, the rest the training split;
+    both sorted. Other modules rely on this exact rule (see ``tests/data/test_splits.py``).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = round(n * val_fraction)
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+class DataSplit(Dataset):
+    """The samples ``indices`` of a base data set (all by default), with corrupt images handled.
+
+    With ``on_corrupt="skip"`` an undecodable sample is replaced by the next readable one of
+    the split (cyclically), so the replacement is the same in every process and on resume;
+    with ``"error"`` the :class:`CorruptImageError` propagates. ``labels``, ``num_classes``,
+    ``classes`` and ``in_chans`` describe the split.
+    """
+
+    _FORWARDED = ("num_classes", "classes", "in_chans", "root", "skipped_files", "transform", "shards")
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None = None, *, on_corrupt: str = "error",
+                 split: str = "train") -> None:
+        if on_corrupt not in ("error", "skip"):
+            raise DataError(f"data.on_corrupt: must be 'error' or 'skip', got {on_corrupt!r}")
+        self.base, self.on_corrupt, self.split = base, on_corrupt, split
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+        self._bad: set[int] = set()
+
+    @property
+    def labels(self) -> np.ndarray:
+        return dataset_labels_of(self.base)[np.asarray(self.indices, dtype=np.int64)]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in DataSplit._FORWARDED and "base" in self.__dict__:
+            return getattr(self.base, name)
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.indices)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            try:
+                return self.base[self.indices[j]]
+            except CorruptImageError as e:
+                if self.on_corrupt == "error":
+                    raise
+                logger.warning("data.on_corrupt=skip: skipping %s", e.what)
+                self._bad.add(j)
+        raise DataError(f"all {n} images of the {self.split} split are unreadable")
+
+
+def _base_dataset(key: str, root: str | None, source: str, transform: Transform, *, img_size: int,
+                  in_chans: int, seed: int, synthetic_size: int) -> Dataset | None:
+    """The source split ``source`` ("train"/"test") of data set ``key``; None if it has none."""
+    if key in _TORCHVISION:
+        return _load_torchvision(key, root, source, transform)
+    if key == "folder":
+        if root is None:
+            raise DataError("data.root: the 'folder' data set needs data.root=<folder of images>")
+        if source == "test" and split_folder(Path(root).expanduser().absolute(), "test") is None:
+            return None
+        return ImageFolderDataset(root, source, transform, in_chans=in_chans)
+    if key == "shards":
+        from .shards import ShardDataset, has_split
+
+        if root is None:
+            raise DataError("data.root: the 'shards' data set needs data.root=<folder written by mimkit make-shards>")
+        if source == "test" and not has_split(root, "test"):
+            return None
+        return ShardDataset(root, source, transform, in_chans=in_chans)
+    return SyntheticDataset(synthetic_size, img_size, in_chans, seed, source, transform)
+
+
+_warned_no_test: set[str] = set()
 
 
 def build_dataset(
@@ -610,37 +440,44 @@ def build_dataset(
     transform: Transform = None,
     *,
     on_corrupt: str = "error",
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
     synthetic_size: int = 512,
     img_size: int = 32,
     in_chans: int = 3,
     seed: int = 0,
-) -> Dataset:
-    """Build one of ``DATASET_NAMES`` for ``split`` ("train" or "test").
+) -> DataSplit:
+    """Split ``split`` ("train" | "val" | "test") of one of ``DATASET_NAMES``.
 
-    ``on_corrupt`` applies to "folder" and "shards"; ``synthetic_size``/``img_size``/``seed`` to
-    "synthetic"; ``in_chans`` to "folder", "shards" and "synthetic" (the others keep their native
-    channels). "shards": local shards are map-style (:class:`~mimkit.data.shards.ShardDataset`);
-    ``pipe:``/URL roots stream (:class:`~mimkit.data.shards.IterableShardDataset`).
+    ``train``/``val`` partition the source's training images (:func:`split_indices` with
+    ``val_fraction`` and ``split_seed``); ``test`` is the source's test split. A source with
+    no test split (a folder without ``test/``, shards without ``test/``) evaluates on ``val``
+    instead, with a warning. ``on_corrupt`` applies to folders and shards; ``synthetic_size``,
+    ``img_size`` and ``seed`` to "synthetic"; ``in_chans`` to folders, shards and "synthetic"
+    (the torchvision data sets keep their native channels).
     """
     key = _canonical_name(name)
-    split = _check_split(split)
-    if key in _IDX_SOURCES:
-        return _load_idx(key, root, split, transform)
-    if key in _CIFAR:
-        return _load_cifar(key, root, split, transform)
-    if key == "folder":
-        if root is None:
-            raise ValueError("The 'folder' dataset needs root=<image folder>")
-        return ImageFolderDataset(root, split, transform, on_corrupt=on_corrupt, in_chans=in_chans)
-    if key == "shards":
-        from .shards import IterableShardDataset, ShardDataset, is_stream_url, resolve_shards
-
-        if root is None:
-            raise ValueError("The 'shards' dataset needs root=<directory, shard-{000000..000009}.tar, or pipe:CMD>")
-        streamed = any(is_stream_url(s) for s in resolve_shards(root, split))
-        cls = IterableShardDataset if streamed else ShardDataset
-        return cls(root, split, transform, in_chans=in_chans, on_corrupt=on_corrupt)
-    return SyntheticDataset(synthetic_size, img_size, in_chans, seed, split, transform)
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    kw = dict(img_size=img_size, in_chans=in_chans, seed=seed, synthetic_size=synthetic_size)
+    if split == "test":
+        base = _base_dataset(key, root, "test", transform, **kw)
+        if base is not None:
+            return DataSplit(base, on_corrupt=on_corrupt, split="test")
+        if val_fraction <= 0:
+            raise DataError(f"data.root: {root} has no test split and data.val_fraction is 0, so nothing is "
+                            "held out for evaluation; add a test/ folder beside train/, or set data.val_fraction=0.1")
+        if str(root) not in _warned_no_test:
+            _warned_no_test.add(str(root))
+            logger.warning("%s has no test split; evaluating on the held-out val split (data.val_fraction=%g)",
+                           root, val_fraction)
+        split = "val"
+    base = _base_dataset(key, root, "train", transform, **kw)
+    train, val = split_indices(len(base), val_fraction, split_seed)
+    if split == "val" and not val:
+        raise DataError(f"the val split of {name} is empty (data.val_fraction={val_fraction}); "
+                        "set data.val_fraction > 0")
+    return DataSplit(base, train if split == "train" else val, on_corrupt=on_corrupt, split=split)
 
 
 class SeededDataset(Dataset):

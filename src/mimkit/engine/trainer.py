@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, config_yaml, to_dict
+from mimkit.data.build import WithNoise, log_run_summary, pretrain_dataset  # noqa: F401 (WithNoise: re-export)
 from mimkit.data.sampler import ShardedEpochSampler
 from mimkit.engine import parallel
 from mimkit.engine.checkpoint import (
@@ -53,32 +54,6 @@ class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
 
 
-class WithNoise:
-    """Transform wrapper that also draws the masking noise, inside the per-sample seeded scope,
-    so masks depend only on (seed, epoch, sample index) like the augmentation does."""
-
-    def __init__(self, transform, num_patches: int) -> None:
-        self.transform, self.num_patches = transform, num_patches
-
-    def __call__(self, img):
-        return self.transform(img), torch.rand(self.num_patches)
-
-
-def pretrain_dataset(cfg: Config, num_patches: int):
-    """The seeded pre-training dataset: (image, noise), label per sample."""
-    from mimkit.data import SeededDataset, build_dataset, pretrain_transform, stats_for
-
-    mean, std = stats_for(cfg)
-    transform = pretrain_transform(
-        cfg.model.img_size, mean, std, cfg.model.in_chans,
-        scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-    )
-    base = build_dataset(
-        cfg.data.name, cfg.data.root, "train", WithNoise(transform, num_patches),
-        on_corrupt=cfg.data.on_corrupt, synthetic_size=cfg.data.synthetic_size,
-        img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, seed=cfg.train.seed,
-    )
-    return SeededDataset(base, cfg.train.seed)
 
 
 class StopSignal:
@@ -181,9 +156,14 @@ def step_loaders(dataset, cfg: Config, info, device: torch.device, step: int, st
             pin_memory=device.type == "cuda", drop_last=True,
             prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
         ))
-        for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
-            yield loader
-            step += 1
+        try:
+            for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
+                yield loader
+                step += 1
+        finally:  # stop the workers now, even when an error keeps this frame alive
+            shutdown = getattr(loader, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def log_knn(logger: MetricLogger, step: int, objective, cfg: Config, device: torch.device) -> None:
@@ -227,13 +207,14 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
 def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     t = cfg.train
     info, device = init_distributed(t.device)
+    # Before the config is saved: it may fill data.mean/std (data.stats=compute) and fit the batch.
+    dataset = pretrain_dataset(cfg, info.world_size)
     if info.is_main:
         atomic_write_text(run / "config.yaml", config_yaml(cfg))
 
     torch.manual_seed(t.seed)
     model = model_from_config(cfg)
     objective = build_objective(cfg, model).to(device)
-    dataset = pretrain_dataset(cfg, model.num_patches)
 
     global_batch = t.batch_size * info.world_size
     steps_per_epoch = len(dataset) // global_batch // t.accum_iter
@@ -250,6 +231,9 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     if warmup_steps >= total_steps:
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", warmup_steps, total_steps)
 
+    if info.is_main:  # before sharding: the summary times a copy of the model
+        log_run_summary(cfg, dataset, objective, device, info.world_size, steps_per_epoch, total_steps,
+                        state["step"] if state is not None else 0)
     net = parallel.wrap(objective, t.strategy, info, device)  # before the optimizer: FSDP2 swaps parameters
     params = param_groups_weight_decay(objective, t.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=base_lr, betas=tuple(t.betas), **adamw_kernel(device))
@@ -293,9 +277,10 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         return state
 
     objective.train()
+    steps = step_loaders(dataset, cfg, info, device, step, steps_per_epoch, total_steps)
     try:
         with StopSignal() as stop:
-            for loader in step_loaders(dataset, cfg, info, device, step, steps_per_epoch, total_steps):
+            for loader in steps:
                 # --- schedule (per optimizer step, from the fractional epoch)
                 lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, t.min_lr)
                 for group in optimizer.param_groups:
@@ -383,7 +368,8 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                         side_work("reconstruction grid", log_reconstructions, logger, step, objective, cfg, run)
                 if is_log:  # images/s excludes the checkpoint and side work
                     t_prev, last_log_step = time.perf_counter(), step
-    finally:  # the progress bar ends its line before any message, and the logs are flushed
+    finally:  # loader workers stop, the progress bar ends its line, the logs are flushed
+        steps.close()
         bar.close()
         if logger is not None:
             logger.close()

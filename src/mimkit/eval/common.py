@@ -45,23 +45,35 @@ def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, s
 
 
 def labelled_dataset(cfg, split: str, transform: Callable | None = None, label_fraction: float = 1.0,
-                     max_samples: int = 0, seed: int | None = None) -> Dataset:
-    """``split`` of cfg's data set with ``transform`` (default: the evaluation transform).
+                     max_samples: int = 0, seed: int | None = None, require_labels: bool = True) -> Dataset:
+    """``split`` ("train" | "val" | "test") of cfg's data set with ``transform`` (default: the
+    evaluation transform). ``train`` excludes the ``val`` images (``data.val_fraction``).
 
     ``label_fraction < 1`` keeps a seeded class-balanced subset (``data.label_fraction``);
-    ``max_samples`` then caps the size with a seeded random subset.
+    ``max_samples`` then caps the size with a seeded random subset. Raises a DataError if the
+    data set has no labels (unless ``require_labels`` is False, e.g. for reconstruction
+    grids), or if the label subset leaves a class without an image.
     """
-    from mimkit.data import build_dataset, eval_transform, stats_for
+    from mimkit.data import dataset_from_config, eval_transform, stats_for
+    from mimkit.errors import DataError
 
     seed = cfg.train.seed if seed is None else seed
     if transform is None:
         mean, std = stats_for(cfg)
         transform = eval_transform(cfg.model.img_size, mean, std, cfg.model.in_chans)
-    ds = build_dataset(cfg.data.name, cfg.data.root, split, transform, on_corrupt=cfg.data.on_corrupt,
-                       synthetic_size=cfg.data.synthetic_size, img_size=cfg.model.img_size,
-                       in_chans=cfg.model.in_chans, seed=cfg.train.seed)
+    ds = dataset_from_config(cfg, split, transform)
+    if require_labels and not getattr(ds, "num_classes", 0):
+        raise DataError(f"data.root: {cfg.data.root or cfg.data.name} has no labels, which k-NN, linear probing "
+                        "and fine-tuning need; put the images in one sub-folder per class")
     if label_fraction < 1.0:
-        ds = Subset(ds, class_balanced_indices(dataset_labels(ds), label_fraction, seed))
+        labels = dataset_labels(ds)
+        ds = Subset(ds, class_balanced_indices(labels, label_fraction, seed))
+        kept = np.bincount(labels[np.asarray(ds.indices, dtype=np.int64)], minlength=ds.dataset.num_classes)
+        empty = [ds.dataset.classes[c] for c in np.flatnonzero(kept == 0)]
+        if empty:
+            raise DataError(f"data.label_fraction={label_fraction} leaves {len(empty)} class(es) with no {split} "
+                            f"image ({', '.join(map(str, empty[:5]))}); add images of those classes or raise "
+                            "data.label_fraction")
     if max_samples and max_samples < len(ds):
         g = torch.Generator().manual_seed(seed)
         ds = Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:max_samples].tolist()))

@@ -124,7 +124,7 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     torch.manual_seed(cfg.train.seed)
     train_tf, eval_tf = finetune_transforms(cfg)
     train_ds = labelled_dataset(cfg, "train", train_tf, cfg.data.label_fraction)
-    test_ds = labelled_dataset(cfg, "test", eval_tf)
+    test_ds = labelled_dataset(cfg, cfg.eval.split, eval_tf)
     num_classes = model.num_classes or num_classes_of(train_ds)
     mixup_on = f.mixup > 0 or f.cutmix > 0
     batch = min(f.batch_size, len(train_ds))

@@ -77,20 +77,23 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return (pred.cpu() == test_labels.cpu()).float().mean().item()
 
 
-def eval_dataset(cfg, split: str, max_samples: int = 0, seed: int = 0, label_fraction: float = 1.0):
-    """The labelled ``split`` with the deterministic evaluation transform (optionally subsampled)."""
-    return labelled_dataset(cfg, split, None, label_fraction, max_samples, seed)
+def eval_dataset(cfg, split: str, max_samples: int = 0, seed: int = 0, label_fraction: float = 1.0,
+                 require_labels: bool = False):
+    """``split`` with the deterministic evaluation transform (optionally subsampled); unlabeled
+    data is allowed (reconstruction grids) unless ``require_labels``."""
+    return labelled_dataset(cfg, split, None, label_fraction, max_samples, seed, require_labels)
 
 
 def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples: int = 0) -> dict:
     """k-NN accuracy of ``encoder`` on cfg's data set: the training split (``data.label_fraction``
-    class-balanced subset, capped by ``eval.max_train_samples``) is the bank, the test split the
-    queries."""
+    class-balanced subset, capped by ``eval.max_train_samples``) is the bank, ``eval.split``
+    (test by default, or val) the queries."""
     e = cfg.eval
     kw = dict(batch_size=e.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
     bank = DataLoader(eval_dataset(cfg, "train", e.max_train_samples, cfg.train.seed,
-                                   cfg.data.label_fraction), **kw)
-    queries = DataLoader(eval_dataset(cfg, "test", max_test_samples, cfg.train.seed), **kw)
+                                   cfg.data.label_fraction, require_labels=True), **kw)
+    queries = DataLoader(eval_dataset(cfg, cfg.eval.split, max_test_samples, cfg.train.seed,
+                                      require_labels=True), **kw)
     encoder = encoder.to(device)
     amp = autocast_context(cfg, device)
     fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip(), autocast=amp)

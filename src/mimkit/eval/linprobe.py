@@ -181,7 +181,7 @@ def run_linprobe(encoder, cfg, device: torch.device) -> dict:
     encoder = encoder.to(device)
     t0 = time.perf_counter()
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
-    test_ds = labelled_dataset(cfg, "test")
+    test_ds = labelled_dataset(cfg, cfg.eval.split)
     if p.cached_features:
         train_ds = labelled_dataset(cfg, "train", None, cfg.data.label_fraction)
         num_classes = num_classes_of(train_ds)

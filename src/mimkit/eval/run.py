@@ -106,7 +106,7 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     timings = dict(result.pop("timings", {}))
     timings["wall_s"] = elapsed
     record = {
-        "protocol": protocol, "metric": result.pop("metric"), "value": result.pop("value"), "split": "test",
+        "protocol": protocol, "metric": result.pop("metric"), "value": result.pop("value"), "split": cfg.eval.split,
         "label_fraction": cfg.data.label_fraction, "from_scratch": from_scratch,
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "checkpoint_sha256": None if checkpoint is None or from_scratch else sha256_file(checkpoint),
@@ -115,6 +115,8 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
     }
     path = out / result_name(protocol, from_scratch, cfg.data.label_fraction)
+    if cfg.eval.split != "test":  # a val number never overwrites the published test number
+        path = path.with_name(f"{path.stem}_{cfg.eval.split}{path.suffix}")
     path.write_text(json.dumps(record, indent=2))
     log.info("%s %s = %.4f (%.0f s) -> %s", protocol, record["metric"], record["value"], elapsed, path)
     return record, path
