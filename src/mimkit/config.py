@@ -95,6 +95,9 @@ class TeacherConfig:
     schedule: str = "cosine"  # cosine | constant
     mask: str = "same"  # same | different
     eval_weights: str = "teacher"  # teacher | student
+    # EMA window 1/(1-m) capped at this fraction of the run, so short runs forget the random
+    # init (docs/methods/rcmae.md); 0: no cap, the paper's momentum at any run length
+    max_window: float = 0.05
 
 
 @dataclass
@@ -412,6 +415,8 @@ def _validate_methods(cfg: Config) -> None:
     for key, value in (("teacher.momentum", te.momentum), ("teacher.momentum_end", te.momentum_end)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if te.max_window < 0:
+        raise ConfigError(f"teacher.max_window: must be >= 0 (0: no cap), got {te.max_window}")
     if mx.ways < 0:
         raise ConfigError(f"mixedae.ways: must be >= 0 (0: 1/(1-mask_ratio)), got {mx.ways}")
     if mx.topk < 0:

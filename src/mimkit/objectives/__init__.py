@@ -65,6 +65,6 @@ def build_objective(cfg: Config, model: MaskedAutoencoderViT) -> nn.Module:
         t = cfg.teacher
         objective = EMATeacher(
             objective, weight=t.weight, momentum=t.momentum, momentum_end=t.momentum_end,
-            schedule=t.schedule, mask=t.mask, eval_weights=t.eval_weights,
+            schedule=t.schedule, mask=t.mask, eval_weights=t.eval_weights, max_window=t.max_window,
         )
     return objective
