@@ -107,6 +107,7 @@ class MixedAEConfig:
     topk: int = 0  # patch keys kept per query (+ cls); 0: L/K, the patches of one source
     oracle: bool = False
     hc_weight: float = 0.5
+    attn_weight: float = 1.0  # SupCon on the homologous blocks' attention logits (loss_attn)
     hc_temperature: float = 0.2
     hc_proj_dim: int = 128
     hc_prototype: bool = False
@@ -423,6 +424,8 @@ def _validate_methods(cfg: Config) -> None:
         raise ConfigError(f"mixedae.topk: must be >= 0 (0: patches per source), got {mx.topk}")
     if mx.hc_weight < 0:
         raise ConfigError(f"mixedae.hc_weight: must be >= 0, got {mx.hc_weight}")
+    if mx.attn_weight < 0:
+        raise ConfigError(f"mixedae.attn_weight: must be >= 0, got {mx.attn_weight}")
     if mx.hc_temperature <= 0:
         raise ConfigError(f"mixedae.hc_temperature: must be > 0, got {mx.hc_temperature}")
     if mx.hc_proj_dim < 1:

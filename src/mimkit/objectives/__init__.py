@@ -53,8 +53,8 @@ def build_objective(cfg: Config, model: MaskedAutoencoderViT) -> nn.Module:
             m = cfg.mixedae
             objective = MixedAE(
                 model, cfg.mask_ratio, ways=m.ways, attn_blocks=m.attn_blocks, topk=m.topk,
-                oracle=m.oracle, hc_weight=m.hc_weight, hc_temperature=m.hc_temperature,
-                hc_proj_dim=m.hc_proj_dim, hc_prototype=m.hc_prototype,
+                oracle=m.oracle, hc_weight=m.hc_weight, attn_weight=m.attn_weight,
+                hc_temperature=m.hc_temperature, hc_proj_dim=m.hc_proj_dim, hc_prototype=m.hc_prototype,
                 segment_embed=m.segment_embed, batch_size=cfg.train.batch_size,
             )
         else:

@@ -1,4 +1,4 @@
-"""EMA teacher: a wrapper that adds RC-MAE's teacher consistency to any base objective (METHODS §3).
+"""EMA teacher: RC-MAE's teacher consistency added to any base objective (docs/methods/rcmae.md).
 
 The wrapper does not know the base method: it reads the rows the base decoded (``preds``,
 ``masks``, ``rows`` in the base's output dict), re-runs a frozen EMA copy of the MAE on the
@@ -101,7 +101,7 @@ class EMATeacher(nn.Module):
         return self.base.model
 
     def train(self, mode: bool = True) -> EMATeacher:
-        """Train the base; the teacher always stays in eval mode (METHODS §3)."""
+        """Train the base; the teacher always stays in eval mode (docs/methods/rcmae.md)."""
         super().train(mode)
         self.teacher.eval()
         return self
@@ -113,11 +113,11 @@ class EMATeacher(nn.Module):
         out = self.base(imgs, noise, progress)
         masks: Masks = out["masks"]
         # The teacher sees the same masks by default; "different" mirrors them, a pure function
-        # of the same noise so that resume stays exact (METHODS §3, masking.mirror_masks).
+        # of the same noise so that resume stays exact (docs/methods/rcmae.md, masking.mirror_masks).
         teacher_masks = mirror_masks(masks) if self.mask == "different" else masks
         target = teacher_predict(self.teacher, imgs[out["rows"]], teacher_masks)
         # The teacher's raw prediction is the target (already in norm-pix space), on the
-        # student's masked patches with MAE's masked mean (METHODS §3).
+        # student's masked patches with MAE's masked mean (docs/methods/rcmae.md).
         loss_teacher = masked_mean((out["preds"] - target) ** 2, masks.mask)
         out["loss"] = out["loss"] + self.weight * loss_teacher
         out["loss_teacher"] = loss_teacher
