@@ -13,7 +13,8 @@ method     masking             mixing      teacher      auxiliary loss
 =========  ==================  ==========  ===========  ===============================
 mae        random              none        none         —
 emae       K-part partition    none        none         self-consistency (``loss_sc``)
-mixedae    K-part partition    r-way       none         homologous contrastive (``loss_hc``)
+mixedae    K-part partition    r-way       none         homologous contrastive (``loss_hc``,
+                                                        ``loss_attn``)
 rcmae      (the base's)        (base's)    EMA          teacher consistency (``loss_teacher``)
 =========  ==================  ==========  ===========  ===============================
 

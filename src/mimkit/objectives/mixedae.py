@@ -2,9 +2,9 @@
 
 Each group of r images is mixed into one sequence of the usual length: position n carries
 image σ(n)'s patch n, so the encoder sees ``(B/r, 1+L, D)``. Homologous attention (each
-query keeps its top-k keys) and a homologous contrastive loss make every patch find the
-patches of its own image; the encoder output is then un-mixed and each image is decoded
-exactly as MAE.
+query keeps its top-k keys, trained by a contrastive loss on its logits) and a homologous
+contrastive loss on the features make every patch find the patches of its own image; the
+encoder output is then un-mixed and each image is decoded exactly as MAE.
 """
 
 from __future__ import annotations
