@@ -112,6 +112,9 @@ class TeacherConfig:
     schedule: str = "cosine"  # cosine | constant
     mask: str = "same"  # same | different
     eval_weights: str = "teacher"  # teacher | student
+    # EMA window 1/(1-m) capped at this fraction of the run, so short runs forget the random
+    # init (docs/methods/rcmae.md); 0: no cap, the paper's momentum at any run length
+    max_window: float = 0.05
 
 
 @dataclass
@@ -121,6 +124,7 @@ class MixedAEConfig:
     topk: int = 0  # patch keys kept per query (+ cls); 0: L/K, the patches of one source
     oracle: bool = False
     hc_weight: float = 0.5
+    attn_weight: float = 1.0  # SupCon on the homologous blocks' attention logits (loss_attn)
     hc_temperature: float = 0.2
     hc_proj_dim: int = 128
     hc_prototype: bool = False
@@ -472,12 +476,16 @@ def _validate_methods(cfg: Config) -> None:
             f"decoder.predict_ratio={cfg.decoder.predict_ratio} is implemented for mae and rcmae only, "
             f"not method '{cfg.method}'; set decoder.predict_ratio=1"
         )
+    if te.max_window < 0:
+        raise ConfigError(f"teacher.max_window: must be >= 0 (0: no cap), got {te.max_window}")
     if mx.ways < 0:
         raise ConfigError(f"mixedae.ways: must be >= 0 (0: 1/(1-mask_ratio)), got {mx.ways}")
     if mx.topk < 0:
         raise ConfigError(f"mixedae.topk: must be >= 0 (0: patches per source), got {mx.topk}")
     if mx.hc_weight < 0:
         raise ConfigError(f"mixedae.hc_weight: must be >= 0, got {mx.hc_weight}")
+    if mx.attn_weight < 0:
+        raise ConfigError(f"mixedae.attn_weight: must be >= 0, got {mx.attn_weight}")
     if mx.hc_temperature <= 0:
         raise ConfigError(f"mixedae.hc_temperature: must be > 0, got {mx.hc_temperature}")
     if mx.hc_proj_dim < 1:

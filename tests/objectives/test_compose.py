@@ -1,9 +1,12 @@
 """Composition (METHODS §5): presets from config, combinations, and learning on synthetic data."""
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
-from mimkit.config import ConfigError, load_config
+from mimkit.config import ConfigError, MixedAEConfig, TeacherConfig, load_config
 from mimkit.models import model_from_config
 from mimkit.objectives import EMAE, MAE, EMATeacher, MixedAE, build_objective
 
@@ -68,3 +71,12 @@ def test_loss_decreases_on_synthetic_data(method, make_model, make_images):
         losses.append(out["loss_rec"].item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (method, first, last)
+
+
+@pytest.mark.parametrize("section,cls,positional", [
+    (TeacherConfig, EMATeacher, {"base"}), (MixedAEConfig, MixedAE, {"model", "mask_ratio", "batch_size"}),
+])
+def test_method_config_keys_are_the_constructor_keywords(section, cls, positional):
+    """So that an objective can be built as ``cls(..., **asdict(section))``."""
+    keywords = set(inspect.signature(cls.__init__).parameters) - {"self"} - positional
+    assert {f.name for f in dataclasses.fields(section)} == keywords

@@ -1,5 +1,7 @@
 """MixedAE (METHODS §4): top-k homologous attention, oracle mask, un-mixing, contrastive loss."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,11 +10,14 @@ from mimkit.config import ConfigError, load_config
 from mimkit.masking import mixing_masks
 from mimkit.objectives import MAE, MixedAE, build_objective
 from mimkit.objectives.mixedae import (
+    feature_homologous_accuracy,
     homologous_accuracy,
+    homologous_attention_loss,
     homologous_block,
     homologous_contrastive,
     mix_tokens,
     oracle_keep,
+    supcon,
     topk_keep,
     unmix_tokens,
 )
@@ -34,9 +39,10 @@ def test_topk_keeps_exactly_k_patch_keys_plus_cls():
 def test_topk_block_is_a_timm_block_with_that_mask(make_model):
     blk = make_model().blocks[0]
     x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(0))
-    out, keep = homologous_block(blk, x, 4)
+    out, keep, logits = homologous_block(blk, x, 4)
+    assert logits.shape == keep.shape == (2, 2, 17, 17) and logits.requires_grad
     torch.testing.assert_close(out, blk(x, attn_mask=keep), rtol=0, atol=1e-6)
-    full, keep_all = homologous_block(blk, x, 16)
+    full, keep_all, _ = homologous_block(blk, x, 16)
     assert keep_all.all()
     torch.testing.assert_close(full, blk(x), rtol=0, atol=1e-6)
 
@@ -63,8 +69,8 @@ def test_oracle_objective_isolates_images_in_one_block(make_model):
     imgs2[2] = torch.randn(1, 16, 16)  # another source of the same mixed sample
     masks = mixing_masks(noise, 4, 4)
     source = obj.source(imgs.device)
-    x, _ = obj.encode_mixed(mix_tokens(obj.model.embed(imgs), masks, 4), source)
-    x2, _ = obj.encode_mixed(mix_tokens(obj.model.embed(imgs2), masks, 4), source)
+    x, _, _ = obj.encode_mixed(mix_tokens(obj.model.embed(imgs), masks, 4), source)
+    x2, _, _ = obj.encode_mixed(mix_tokens(obj.model.embed(imgs2), masks, 4), source)
     a, b = unmix_tokens(x, 4), unmix_tokens(x2, 4)
     for image in (0, 1, 3):
         torch.testing.assert_close(b[image, 1:], a[image, 1:], rtol=0, atol=1e-6)
@@ -96,7 +102,7 @@ def test_unmixing_returns_every_patch_to_its_image():
 
 def test_one_way_without_contrastive_is_mae(make_model, batch):
     imgs, noise = batch
-    mae, mixed = MAE(make_model(), 0.75), MixedAE(make_model(), 0.75, ways=1, hc_weight=0.0)
+    mae, mixed = MAE(make_model(), 0.75), MixedAE(make_model(), 0.75, ways=1, hc_weight=0.0, attn_weight=0.0)
     a, b = mae(imgs, noise), mixed(imgs, noise)
     a["loss"].backward()
     b["loss"].backward()
@@ -113,8 +119,10 @@ def test_forward_outputs(make_model, batch):
                     {"hc_prototype": True, "segment_embed": "decoder"}):
         out = MixedAE(make_model(), 0.75, **options)(imgs, noise)
         assert out["pred"].shape == (8, 16, 16) and out["mask"].sum() == 8 * 12
-        torch.testing.assert_close(out["loss"], out["loss_rec"] + 0.5 * out["loss_hc"])
-        assert 0 <= out["acc_homologous"] <= 1
+        attn = out.get("loss_attn", 0.0)  # top-k blocks only (none with the oracle)
+        assert ("loss_attn" in out) != bool(options.get("oracle"))
+        torch.testing.assert_close(out["loss"], out["loss_rec"] + 0.5 * out["loss_hc"] + attn)
+        assert 0 <= out["acc_homologous"] <= 1 and 0 <= out["acc_homologous_feat"] <= 1
     assert MixedAE(make_model(), 0.75, oracle=True)(imgs, noise)["acc_homologous"] == 1
 
 
@@ -123,6 +131,39 @@ def test_homologous_accuracy():
     keep = torch.ones(1, 1, 5, 5, dtype=torch.bool)
     assert homologous_accuracy(keep, source) == 0.5
     assert homologous_accuracy(oracle_keep(source)[None, None], source) == 1
+
+
+def test_attention_loss_is_zero_weight_neutral_and_trains_the_logits(make_model, batch):
+    imgs, noise = batch
+    a = MixedAE(make_model(), 0.75, attn_weight=0.0)
+    b = MixedAE(make_model(), 0.75, attn_weight=2.0)
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a(imgs, noise), b(imgs, noise)
+    torch.testing.assert_close(out_b["loss"], out_a["loss"] + 2.0 * out_a["loss_attn"])
+    out_a["loss"].backward()
+    out_b["loss_attn"].backward()
+    # Without the term the qkv weights get gradient only through the kept logits and values;
+    # the term itself reaches them (through q and k) in every homologous block.
+    for blk in b.model.blocks:
+        assert blk.attn.qkv.weight.grad.abs().sum() > 0
+    # SupCon on the patch-to-patch logits: at its minimum, log(2 positives), when same-source keys
+    # score highest.
+    source = torch.arange(2).repeat_interleave(3)
+    same = (source[:, None] == source[None, :]).float()
+    good = torch.zeros(1, 1, 7, 7)
+    good[..., 1:, 1:] = 10 * same
+    assert homologous_attention_loss(good, source) < math.log(2) + 0.01 < homologous_attention_loss(-good, source)
+    torch.testing.assert_close(homologous_attention_loss(good, source), supcon(good[..., 1:, 1:], source))
+
+
+def test_feature_homologous_accuracy():
+    source = torch.arange(2).repeat_interleave(3)
+    grouped = F.one_hot(source, 4).float()[None] + 0.01 * torch.randn(1, 6, 4)
+    assert feature_homologous_accuracy(F.normalize(grouped, dim=-1), source) == 1
+    # Unit vectors at these angles: each patch's two nearest are the other image's.
+    angles = torch.deg2rad(torch.tensor([0.0, 120.0, 240.0, 5.0, 125.0, 245.0]))
+    crossed = torch.stack([angles.cos(), angles.sin()], dim=-1)[None]
+    assert feature_homologous_accuracy(crossed, source) == 0
 
 
 def test_homologous_contrastive_matches_supcon_and_prefers_separated_sources():

@@ -31,7 +31,8 @@ def test_teacher_gets_no_gradient_and_is_not_optimised(make_model, batch):
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_teacher_moves_exactly_by_the_ema_formula(make_model, schedule):
-    obj = EMATeacher(MAE(make_model(), 0.75), momentum=0.9, momentum_end=1.0, schedule=schedule)
+    obj = EMATeacher(MAE(make_model(), 0.75), momentum=0.9, momentum_end=1.0, schedule=schedule,
+                     max_window=0.0)
     before = {n: p.detach().clone() for n, p in obj.teacher.named_parameters()}
     with torch.no_grad():  # move the student away from the teacher
         for p in obj.model.parameters():
@@ -56,6 +57,50 @@ def test_momentum_schedules():
     assert {ema_momentum(p, 0.996, 1.0, "constant") for p in (0.0, 0.5, 1.0)} == {0.996}
     with pytest.raises(ValueError, match="teacher.schedule"):
         ema_momentum(0.5, 0.996, 1.0, "linear")
+
+
+def init_weight_left(num_steps: int, max_window: float, schedule: str = "cosine") -> float:
+    """prod_t m_t: the teacher's remaining weight on its initialisation after ``num_steps``."""
+    left = 1.0
+    for s in range(num_steps):
+        left *= ema_momentum((s + 1) / num_steps, 0.996, 1.0, schedule, 1 / num_steps, max_window)
+    return left
+
+
+@pytest.mark.parametrize("num_steps", [10, 234, 2340, 100_000])
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_window_cap_forgets_the_init_at_any_run_length(num_steps, schedule):
+    assert init_weight_left(num_steps, 0.05, schedule) < 1e-6
+
+
+def test_paper_momentum_is_kept_where_the_run_is_long_enough():
+    # Without the cap a 234-step run keeps most of the init (the problem the cap fixes) ...
+    assert init_weight_left(234, 0.0) > 0.6
+    # ... and with it a long run follows the paper's 0.996 -> 1 except in its last ~15 %.
+    n = 100_000
+    for p in (0.0, 0.5, 0.8):
+        assert ema_momentum(p, 0.996, 1.0, "cosine", 1 / n, 0.05) == ema_momentum(p, 0.996, 1.0, "cosine")
+    assert ema_momentum(1.0, 0.996, 1.0, "cosine", 1 / n, 0.05) == pytest.approx(1 - 20 / n)
+
+
+def test_short_run_teacher_holds_almost_no_init(make_model, batch):
+    """End to end through forward/after_step: the step size comes from the progress values."""
+    imgs, noise = batch
+    obj = EMATeacher(MAE(make_model(), 0.75), max_window=0.2)
+    with torch.no_grad():  # a zero student: the teacher is then exactly (weight on init) * init
+        for p in obj.model.parameters():
+            p.zero_()
+    init = obj.teacher.cls_token.detach().clone()
+    num_steps = 12
+    for s in range(num_steps):
+        obj(imgs, noise, s / num_steps)
+        obj.after_step((s + 1) / num_steps)
+    left = math.prod(ema_momentum((s + 1) / num_steps, 0.996, 1.0, "cosine", 1 / num_steps, 0.2)
+                     for s in range(num_steps))
+    torch.testing.assert_close(obj.teacher.cls_token, left * init, rtol=1e-5, atol=1e-8)
+    assert left < 0.01 < init_weight_left(num_steps, 0.0)
+    with pytest.raises(RuntimeError, match="before forward"):
+        EMATeacher(MAE(make_model(), 0.75)).after_step(0.5)
 
 
 def test_zero_weight_is_mae(make_model, batch):

@@ -13,7 +13,8 @@ method     masking             mixing      teacher      auxiliary loss
 =========  ==================  ==========  ===========  ===============================
 mae        random              none        none         —
 emae       K-part partition    none        none         self-consistency (``loss_sc``)
-mixedae    K-part partition    r-way       none         homologous contrastive (``loss_hc``)
+mixedae    K-part partition    r-way       none         homologous contrastive (``loss_hc``,
+                                                        ``loss_attn``)
 rcmae      (the base's)        (base's)    EMA          teacher consistency (``loss_teacher``)
 =========  ==================  ==========  ===========  ===============================
 
@@ -53,8 +54,8 @@ def build_objective(cfg: Config, model: MaskedAutoencoderViT) -> nn.Module:
             m = cfg.mixedae
             objective = MixedAE(
                 model, cfg.mask_ratio, ways=m.ways, attn_blocks=m.attn_blocks, topk=m.topk,
-                oracle=m.oracle, hc_weight=m.hc_weight, hc_temperature=m.hc_temperature,
-                hc_proj_dim=m.hc_proj_dim, hc_prototype=m.hc_prototype,
+                oracle=m.oracle, hc_weight=m.hc_weight, attn_weight=m.attn_weight,
+                hc_temperature=m.hc_temperature, hc_proj_dim=m.hc_proj_dim, hc_prototype=m.hc_prototype,
                 segment_embed=m.segment_embed, batch_size=cfg.train.batch_size,
             )
         else:
@@ -65,6 +66,6 @@ def build_objective(cfg: Config, model: MaskedAutoencoderViT) -> nn.Module:
         t = cfg.teacher
         objective = EMATeacher(
             objective, weight=t.weight, momentum=t.momentum, momentum_end=t.momentum_end,
-            schedule=t.schedule, mask=t.mask, eval_weights=t.eval_weights,
+            schedule=t.schedule, mask=t.mask, eval_weights=t.eval_weights, max_window=t.max_window,
         )
     return objective

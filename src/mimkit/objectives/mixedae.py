@@ -1,10 +1,10 @@
-"""MixedAE: r-way image mixing + homologous recognition (METHODS §4).
+"""MixedAE: r-way image mixing + homologous recognition (docs/methods/mixedae.md).
 
 Each group of r images is mixed into one sequence of the usual length: position n carries
 image σ(n)'s patch n, so the encoder sees ``(B/r, 1+L, D)``. Homologous attention (each
-query keeps its top-k keys) and a homologous contrastive loss make every patch find the
-patches of its own image; the encoder output is then un-mixed and each image is decoded
-exactly as MAE.
+query keeps its top-k keys, trained by a contrastive loss on its logits) and a homologous
+contrastive loss on the features make every patch find the patches of its own image; the
+encoder output is then un-mixed and each image is decoded exactly as MAE.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ SEGMENT_EMBEDS = ("none", "decoder", "encoder")
 def topk_keep(logits: torch.Tensor, topk: int) -> torch.Tensor:
     """Bool keep-mask (…, 1+N, 1+N) for logits whose token 0 is cls.
 
-    Each patch query keeps its ``topk`` largest patch-key logits plus the cls key (METHODS §4
-    [choice]). The cls query, which belongs to no source, keeps every key.
+    Each patch query keeps its ``topk`` largest patch-key logits plus the cls key (our choice,
+    docs/methods/mixedae.md). The cls query, which belongs to no source, keeps every key.
     """
     patch_logits = logits[..., 1:, 1:]
     if not 1 <= topk <= patch_logits.shape[-1]:
@@ -44,13 +44,14 @@ def oracle_keep(source: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def topk_attention(attn: nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_attention(attn: nn.Module, x: torch.Tensor,
+                   topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A timm ``Attention`` forward whose softmax sees only each query's top-k logits.
 
     Reuses the module's own ``qkv``/``proj`` (and q/k norms), so state dicts stay official-MAE
-    compatible and the same block is a plain ViT block at fine-tuning. Returns the output and
-    the keep-mask (B, heads, N, N); the softmax is done here because the logits are needed to
-    choose the keys anyway.
+    compatible and the same block is a plain ViT block at fine-tuning. Returns the output, the
+    keep-mask and the logits (B, heads, N, N); the softmax is done here because the logits are
+    needed to choose the keys anyway.
     """
     b, n, _ = x.shape
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -63,15 +64,19 @@ def topk_attention(attn: nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.T
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out)), keep
+    return attn.proj_drop(attn.proj(out)), keep, logits
 
 
-def homologous_block(blk: Block, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A timm ``Block`` forward with top-k attention; same residual structure as ``Block.forward``."""
-    attn_out, keep = topk_attention(blk.attn, blk.norm1(x), topk)
+def homologous_block(blk: Block, x: torch.Tensor,
+                     topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A timm ``Block`` forward with top-k attention; same residual structure as ``Block.forward``.
+
+    Returns the output, the keep-mask and the attention logits (B, heads, 1+N, 1+N).
+    """
+    attn_out, keep, logits = topk_attention(blk.attn, blk.norm1(x), topk)
     x = x + blk.drop_path1(blk.ls1(attn_out))
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, keep
+    return x, keep, logits
 
 
 def homologous_accuracy(keep: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -81,10 +86,48 @@ def homologous_accuracy(keep: torch.Tensor, source: torch.Tensor) -> torch.Tenso
     return (kept & same).sum() / kept.sum().clamp(min=1)
 
 
+def feature_homologous_accuracy(z: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Fraction of each patch's nearest other patches (cosine) that share its source.
+
+    ``z`` (G, N, d) are ℓ2-normalised patch embeddings; each patch looks at as many neighbours
+    as its source has other patches, so 1 is a perfect grouping and chance is about 1/r.
+    """
+    n = z.shape[1]
+    k = int((source == source[0]).sum()) - 1
+    if k < 1:
+        return z.new_ones(())
+    sim = (z @ z.transpose(1, 2)).masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    idx = sim.topk(k, dim=-1).indices  # (G, N, k)
+    return (source[idx] == source[:, None]).float().mean()
+
+
 # --- homologous contrastive ------------------------------------------------------------------
+def supcon(logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Supervised-contrastive loss over the last two dims of ``logits`` (…, N, N), scores of
+    query i for key j: mean over queries of minus the mean log-probability of the keys that
+    share the query's source, self excluded from both (SupCon, Khosla et al. 2020)."""
+    n = logits.shape[-1]
+    self_mask = torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=-1, keepdim=True)
+    positive = (source[:, None] == source[None, :]) & ~self_mask
+    pos_log_prob = log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1).clamp(min=1)
+    return -pos_log_prob.mean()
+
+
+def homologous_attention_loss(logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """SupCon on a homologous block's patch-to-patch attention logits (B, heads, 1+N, 1+N).
+
+    The top-k selection carries no gradient, so without this term nothing teaches the queries
+    and keys to score same-source patches higher (docs/methods/mixedae.md). The logits keep
+    the attention's own scale (q·k/√d) as the temperature; the cls row and column are left out.
+    """
+    return supcon(logits[..., 1:, 1:], source)
+
+
 def homologous_contrastive(z: torch.Tensor, source: torch.Tensor, temperature: float = 0.2,
                            prototype: bool = False, num_sources: int | None = None) -> torch.Tensor:
-    """Supervised-contrastive InfoNCE within each mixed sample (METHODS §4 [choice]).
+    """Supervised-contrastive InfoNCE within each mixed sample (docs/methods/mixedae.md).
 
     ``z`` (G, N, d) are ℓ2-normalised patch embeddings, ``source`` (N,) their source slot.
     Default: every other patch of the same source is a positive, other sources' patches are
@@ -97,13 +140,7 @@ def homologous_contrastive(z: torch.Tensor, source: torch.Tensor, temperature: f
         protos = F.normalize(torch.einsum("gnd,nr->grd", z, onehot), dim=-1)
         logits = z @ protos.transpose(1, 2) / temperature  # (G, N, r)
         return F.cross_entropy(logits.flatten(0, 1), source.repeat(z.shape[0]))
-    n = z.shape[1]
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = (z @ z.transpose(1, 2) / temperature).masked_fill(self_mask, float("-inf"))
-    log_prob = logits - logits.logsumexp(dim=-1, keepdim=True)
-    positive = (source[:, None] == source[None, :]) & ~self_mask
-    pos_log_prob = log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1).clamp(min=1)
-    return -pos_log_prob.mean()
+    return supcon(z @ z.transpose(1, 2) / temperature, source)
 
 
 # --- mixing and un-mixing --------------------------------------------------------------------
@@ -147,6 +184,7 @@ class MixedAE(nn.Module):
         topk: int = 0,
         oracle: bool = False,
         hc_weight: float = 0.5,
+        attn_weight: float = 1.0,
         hc_temperature: float = 0.2,
         hc_proj_dim: int = 128,
         hc_prototype: bool = False,
@@ -179,6 +217,9 @@ class MixedAE(nn.Module):
                              f"choose from {', '.join(SEGMENT_EMBEDS)}")
         self.oracle, self.segment_embed = oracle, segment_embed
         self.hc_weight, self.hc_temperature, self.hc_prototype = hc_weight, hc_temperature, hc_prototype
+        if attn_weight < 0:
+            raise ValueError(f"mixedae.attn_weight: must be >= 0, got {attn_weight}")
+        self.attn_weight = attn_weight
         dim = model.pos_embed.shape[-1]
         self.hc_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, hc_proj_dim))
         if segment_embed != "none":
@@ -199,10 +240,15 @@ class MixedAE(nn.Module):
         """Source slot of each patch position of a mixed sequence (slot-major), (r·n_v,)."""
         return torch.arange(self.ways, device=device).repeat_interleave(self.tokens_per_source)
 
-    def encode_mixed(self, mixed: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encoder over mixed tokens with homologous attention in ``attn_blocks``."""
+    def encode_mixed(self, mixed: torch.Tensor,
+                     source: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Encoder over mixed tokens with homologous attention in ``attn_blocks``.
+
+        Returns the normed output, and per top-k block its homologous accuracy and
+        attention loss.
+        """
         x = self.model.add_cls(mixed)
-        accs = []
+        accs, attn_losses = [], []
         # With one source every key is homologous: skip the masking (plain blocks, exact MAE).
         homologous = set(self.attn_blocks) if self.ways > 1 else set()
         oracle_mask = oracle_keep(source) if self.oracle else None
@@ -212,9 +258,10 @@ class MixedAE(nn.Module):
             elif self.oracle:
                 x = blk(x, attn_mask=oracle_mask)  # SDPA bool mask: True = attend
             else:
-                x, keep = homologous_block(blk, x, self.topk)
+                x, keep, logits = homologous_block(blk, x, self.topk)
                 accs.append(homologous_accuracy(keep.detach(), source).float())
-        return self.model.norm(x), accs
+                attn_losses.append(homologous_attention_loss(logits, source))
+        return self.model.norm(x), accs, attn_losses
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> dict:
         self.check_batch(imgs.shape[0])
@@ -224,7 +271,7 @@ class MixedAE(nn.Module):
         slot = torch.arange(imgs.shape[0], device=imgs.device) % self.ways
         if self.segment_embed == "encoder":
             tokens = tokens + self.segment[slot].unsqueeze(1)
-        latent_mixed, accs = self.encode_mixed(mix_tokens(tokens, masks, self.ways), source)
+        latent_mixed, accs, attn_losses = self.encode_mixed(mix_tokens(tokens, masks, self.ways), source)
 
         # Un-mix: each image gets back its own tokens and is decoded exactly as MAE.
         latent = unmix_tokens(latent_mixed, self.ways)
@@ -235,9 +282,18 @@ class MixedAE(nn.Module):
 
         z = F.normalize(self.hc_head(latent_mixed[:, 1:]), dim=-1)
         loss_hc = homologous_contrastive(z, source, self.hc_temperature, self.hc_prototype, self.ways)
-        out = {"loss": loss_rec + self.hc_weight * loss_hc, "loss_rec": loss_rec, "loss_hc": loss_hc,
+        loss = loss_rec + self.hc_weight * loss_hc
+        out = {"loss_rec": loss_rec, "loss_hc": loss_hc,
                "pred": pred, "mask": masks.mask, "preds": pred, "masks": masks,
                "rows": torch.arange(imgs.shape[0], device=imgs.device)}
+        if self.ways > 1:
+            out["acc_homologous_feat"] = feature_homologous_accuracy(z.detach(), source)
+        if attn_losses:
+            out["loss_attn"] = torch.stack(attn_losses).mean()
+            # Skipped at weight 0 so that the objective's gradients are exactly those without it.
+            if self.attn_weight:
+                loss = loss + self.attn_weight * out["loss_attn"]
+        out["loss"] = loss
         if accs:
             out["acc_homologous"] = torch.stack(accs).mean()
         elif self.oracle and self.ways > 1:
