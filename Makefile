@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
-STUDY ?= runs/study
+STUDY ?= $(or $(MIMKIT_CACHE),$(HOME)/.cache/mimkit)/study/fmnist_study
 
 .PHONY: setup demo test lint study clean
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mimkit demo --out $(OUT)
 
-# The methods compared on Fashion-MNIST (~1.5-2 h on 2 CPU cores; re-running resumes), then
+# The methods at equal wall-clock on Fashion-MNIST (~4-5 h on 2 CPU cores; re-running resumes), then
 # docs/RESULTS.md and its plots from the run folders.
 study: setup
 	$(BIN)/mimkit study --config fmnist_study --out $(STUDY)
