@@ -76,6 +76,7 @@ def test_plan_budget_and_index(study_dir):
     assert len(ix.final("foo", "finetune_top1", 0.5)) == 2 and len(ix.final("zero", "finetune_top1", 0.5)) == 2
     assert not ix.final("bar", "finetune_top1", 0.5)  # not in the job's arms
     assert ix.final("foo", "loss")  # the metrics log, as records
+    assert len(ix.final("bar", "pairwise_mse")) == 2  # prediction consistency at the end of each run
 
 
 def test_index_round_trip(study_dir, tmp_path):
@@ -103,7 +104,8 @@ def test_interrupted_run_resumes(study_file, study_dir, monkeypatch):
     ix = StudyIndex.load(study_dir / "study.json")
     rec = next(r for r in ix.runs if r.arm == "bar" and r.seed == 1)
     run = study_dir / rec.folder
-    (run / "done.json").unlink()  # as if killed after its last checkpoint
+    (run / "done.json").unlink()  # as if killed between its last two evaluation points
+    (run / f"checkpoint-{rec.steps:08d}.pt").unlink()
     calls = []
     import mimkit.engine.trainer as trainer
 
@@ -117,6 +119,10 @@ def test_interrupted_run_resumes(study_file, study_dir, monkeypatch):
     spec, base = load_study(study_file)
     Study(spec, base, study_dir).run()
     assert calls == [True] and (run / "done.json").exists()
+    assert (run / f"checkpoint-{rec.steps:08d}.pt").exists()
+    from mimkit.engine.logging import read_metrics
+
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, rec.steps + 1))  # each step once
 
 
 def test_report_is_generic(study_dir, tmp_path):

@@ -15,7 +15,8 @@ from mimkit.study.index import StudyIndex
 from mimkit.study.spec import FROZEN, Claim, StudySpec, spec_from_dict
 from mimkit.study.verdicts import Verdict, judge, time_ratio
 
-LABELS = {"knn_top1": "k-NN", "linprobe_top1": "linear probe", "finetune_top1": "fine-tuning"}
+LABELS = {"knn_top1": "k-NN", "linprobe_top1": "linear probe", "finetune_top1": "fine-tuning",
+          "pairwise_mse": "inconsistency ↓"}  # pairwise_mse: predictions of a patch across masks
 
 
 def is_accuracy(metric: str) -> bool:
@@ -161,7 +162,7 @@ def _claim_rule(c: Claim, titles: dict[str, str]) -> str:
     k = 100.0 if is_accuracy(c.metric) and c.rule != "time_to_reference" else 1.0
     bounds = " and ".join(x for x in (f"≥ {k * c.at_least:g}" if c.at_least is not None else "",
                                        f"≤ {k * c.at_most:g}" if c.at_most is not None else "") if x)
-    lf = f" at {lf_text(c.label_fraction)} labels" if c.metric in LABELS else ""
+    lf = f" at {lf_text(c.label_fraction)} labels" if c.metric.endswith("_top1") else ""
     arm = titles[c.arm] + (f" ({c.view})" if c.view != "auto" else "")
     ref = titles.get(c.reference, c.reference) + (f" ({c.reference_view})" if c.reference_view != "auto" else "")
     what = LABELS.get(c.metric, f"`{c.metric}`") + lf
@@ -276,8 +277,9 @@ def _views(ix: StudyIndex, arm: str) -> list[str]:
 def arm_table(ix: StudyIndex, spec: StudySpec, titles: dict[str, str]) -> list[str]:
     fracs = sorted({f for f in spec.label_fractions} | {j.label_fraction for j in spec.finetune})
     cols = [(m, f) for m in FROZEN for f in spec.label_fractions] + \
-           [("finetune_top1", f) for f in fracs if any(j.label_fraction == f for j in spec.finetune)]
-    head = ["arm", "steps", "pre-train min"] + [f"{LABELS[m]} {lf_text(f)}" for m, f in cols]
+           [("finetune_top1", f) for f in fracs if any(j.label_fraction == f for j in spec.finetune)] + \
+           [("pairwise_mse", None)]
+    head = ["arm", "steps", "pre-train min"] + [f"{LABELS[m]} {lf_text(f)}".strip() for m, f in cols]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in spec.arms:
         runs = [r for r in ix.runs if r.arm == a.name]

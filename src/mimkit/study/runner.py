@@ -189,7 +189,7 @@ class Study:
                 e.seconds = (time.perf_counter() - t0) / len(hits)
             atomic_write_text(path, json.dumps([dataclasses.asdict(e) for e in stored + hits], indent=1))
             log.info("study: %s step %d: %s", run.name, hits[0].step,
-                     ", ".join(f"{e.metric}@{e.label_fraction:g}={e.value:.4f}" for e in hits))
+                     ", ".join(f"{e.metric}@{e.label_fraction}={e.value:.4f}" for e in hits))
         records.extend(hits)
         return hits
 
@@ -219,6 +219,23 @@ class Study:
                              lambda v=view, s=step, w=wall: self._frozen(cfg, ckpts.get(s), arm.name, rec.seed, s, w,
                                                                         v, settings))
             clock, prev = wall, step
+        # EMAE's claim: how much predictions of the same patch differ across masks (lower: more consistent)
+        last, n, masks = rec.eval_steps[-1], 1000, 4
+        self._cached(run, self.index.evals, {"step": last, "settings": digest(["consistency", n, masks])},
+                     lambda: [EvalRecord(arm.name, rec.seed, last, clock, "consistency", "pairwise_mse", None, "test",
+                                         self._consistency(cfg, ckpts[last], n, masks), "auto",
+                                         digest(["consistency", n, masks]))])
+
+    def _consistency(self, cfg: Config, ckpt: Path, n: int, masks: int) -> float:
+        from mimkit.eval.consistency import prediction_consistency
+        from mimkit.eval.knn import eval_dataset
+        from mimkit.interop.convert import build_mae, read_weights
+
+        model = build_mae(read_weights(ckpt)).to(self.device)
+        ds = eval_dataset(cfg, "test", max_samples=n, seed=0)
+        imgs = torch.stack([ds[i][0] for i in range(len(ds))])
+        res = prediction_consistency(model, imgs, num_masks=masks, seed=0, batch_size=cfg.eval.batch_size)
+        return res["pairwise_mse"]
 
     def _train_indices(self, cfg: Config, fraction: float, seed: int) -> list[int]:
         """A seeded class-balanced ``fraction`` of the training labels, capped at
