@@ -94,7 +94,10 @@ class Study:
             raise ConfigError(f"--budget must be > 0, got {budget}")
         self.spec, self.base, self.budget, self.out = spec, base, budget, Path(out)
         self.path = self.out / "study.json"
-        old = StudyIndex.load(self.path) if self.path.exists() else StudyIndex()
+        try:
+            old = StudyIndex.load(self.path) if self.path.exists() else StudyIndex()
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigError(f"{self.path} is not a study index of this version; choose another --out") from None
         self.index = StudyIndex(name=spec.name, source=source, budget=budget, spec=spec.to_dict(),
                                 base_config=to_dict(base), calibration=old.calibration)
         self.device = torch.device("cpu")

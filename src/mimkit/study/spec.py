@@ -73,7 +73,7 @@ class StudySpec:
     name: str = ""  # default: the file's stem; names the default output folder
     reference: str = "mae"  # the arm that sets the wall-clock budget and the reference quality
     budget_epochs: float = 8.0  # wall-clock per arm: this many epochs of the reference arm
-    calibration_steps: int = 12  # timed steps per arm, once (the first 2 are dropped)
+    calibration_steps: int = 20  # timed steps per arm, once (the first 2 are dropped)
     warmup: float = 0.1  # pre-training warm-up, a fraction of each run
     eval_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 0.75, 1.0])
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 1.0])  # frozen evaluations
