@@ -145,9 +145,10 @@ class Study:
         (multiples of the checkpoint interval, so the trainer keeps those checkpoints)."""
         s_per_step = self.calibrate(arm)
         steps = max(len(self.spec.eval_fractions), round(self.index.budget_s / s_per_step))
-        every = max(1, round(steps * min(self.spec.eval_fractions)))
-        points = sorted({min(steps, max(every, round(f * steps / every) * every)) for f in self.spec.eval_fractions}
-                        | {steps})
+        first = min(self.spec.eval_fractions)
+        every = max(1, round(steps * first))
+        points = sorted({every * round(f / first) for f in self.spec.eval_fractions} | {steps})
+        points = [p for p in points if p == steps or p < steps - every / 2]  # none just before the end
         cfg = arm_config(self.base, arm)
         t = cfg.train
         t.seed, t.max_steps, t.warmup_epochs = seed, steps, self.spec.warmup * steps / self.index.steps_per_epoch
