@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -426,14 +426,22 @@ def _in_process(spec: BenchSpec, impl: str) -> dict[str, Any]:
         return {"impl": impl, "error": f"{type(e).__name__}: {e}"}
 
 
+def variant_label(overrides: list[str]) -> str:
+    """The row name of a mimkit variant: ``'mimkit decoder.predict_ratio=0.25'``."""
+    return " ".join(["mimkit", *overrides])
+
+
 def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds: int = 1,
               peak_tflops: float | None = None, timeout: float | None = None,
-              log: Callable[[str], None] = print, in_process: bool = False) -> dict[str, Any]:
+              log: Callable[[str], None] = print, in_process: bool = False,
+              variants: list[list[str]] = ()) -> dict[str, Any]:
     """Time every implementation in ``impls``; returns the JSON-ready report.
 
     With ``rounds > 1`` the implementations alternate (A, B, C, A, B, C, ...) and each one's
     fastest round (lowest median step time) is reported, which tames a noisy, shared machine.
     ``in_process`` runs them all in this process (quick, for tests; peak memory then mixes).
+    ``variants``: mimkit again with further ``key=value`` overrides each (for example
+    ``decoder.predict_ratio=0.25``), timed in the same rounds and reported against plain mimkit.
     """
     import timm
     import torch
@@ -446,22 +454,25 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
         if reason:
             skipped[impl] = reason
             log(f"skipping {impl}: {reason}")
-    todo = [i for i in impls if i not in skipped]
+    # (row name, implementation, spec): the variants are mimkit with their overrides appended
+    todo = [(i, i, spec) for i in impls if i not in skipped]
+    todo += [(variant_label(v), "mimkit", replace(spec, overrides=[*spec.overrides, *v])) for v in variants]
     for r in range(rounds):
-        for impl in todo:
-            log(f"round {r + 1}/{rounds}: {impl} ...")
-            row = _in_process(spec, impl) if in_process else _spawn(spec, impl, timeout)
-            row["round"] = r
+        for label, impl, run_spec in todo:
+            log(f"round {r + 1}/{rounds}: {label} ...")
+            row = _in_process(run_spec, impl) if in_process else _spawn(run_spec, impl, timeout)
+            row.update(impl=label, round=r)
             runs.append(row)
             if "error" in row:
-                log(f"  {impl} failed: {row['error']}")
-                skipped.setdefault(impl, row["error"])
+                log(f"  {label} failed: {row['error']}")
+                skipped.setdefault(label, row["error"])
                 continue
             log(f"  {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.1f} images/s")
-            if impl not in rows or row["ms_per_step"] < rows[impl]["ms_per_step"]:
-                rows[impl] = row
-    for impl in rows:
-        skipped.pop(impl, None)
+            if label not in rows or row["ms_per_step"] < rows[label]["ms_per_step"]:
+                rows[label] = row
+    for label in rows:
+        skipped.pop(label, None)
+    labels = [i for i in impls if i in rows] + [variant_label(v) for v in variants if variant_label(v) in rows]
 
     peak = peak_tflops
     if peak is None and spec.device == "cuda" and rows:
@@ -469,11 +480,21 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
     for row in rows.values():
         row["fraction_of_peak"] = row["achieved_tflops"] / peak if peak else None
 
-    ratios = {}
+    ratios, speedups = {}, {}
     if "mimkit" in rows:
         ours = rows["mimkit"]
         for impl, row in rows.items():
-            if impl != "mimkit":
+            if impl not in IMPLEMENTATIONS:  # a variant: its speed-up over plain mimkit
+                cpu = row.get("cpu_s_per_step"), ours.get("cpu_s_per_step")
+                speedups[impl] = {
+                    "throughput": row["images_per_s"] / ours["images_per_s"],
+                    "cpu_time": cpu[1] / cpu[0] if all(cpu) else None,
+                    "flops": row["flops_per_step"] / ours["flops_per_step"],
+                    "saved_activations": row["saved_activations_mib"] / ours["saved_activations_mib"],
+                    "peak_mem": (row["peak_mem_mib"] / ours["peak_mem_mib"]
+                                 if ours.get("peak_mem_mib") and row.get("peak_mem_mib") else None),
+                }
+            elif impl != "mimkit":
                 ratios[impl] = {
                     "throughput": ours["images_per_s"] / row["images_per_s"],
                     "peak_mem": (ours["peak_mem_mib"] / row["peak_mem_mib"]
@@ -487,9 +508,10 @@ def run_bench(spec: BenchSpec, impls: tuple[str, ...] = IMPLEMENTATIONS, rounds:
             "cuda": torch.version.cuda if spec.device == "cuda" else None,
             "peak_tflops": peak,
         },
-        "results": [rows[i] for i in impls if i in rows],
+        "results": [rows[label] for label in labels],
         "skipped": skipped,
         "ratios_mimkit_over": ratios,
+        "variants_over_mimkit": speedups,
         "rounds": runs,
         "rounds_rule": "fastest round (lowest median step time) per implementation",
         "isolation": "in-process" if in_process else "one subprocess per implementation and round",
@@ -524,6 +546,12 @@ def format_table(report: dict[str, Any]) -> str:
     for impl, r in ratios.items():
         mem = f", peak memory ×{r['peak_mem']:.2f}" if r["peak_mem"] else ""
         notes.append(f"mimkit/{impl}: throughput ×{r['throughput']:.2f}{mem}")
+    for label, r in report.get("variants_over_mimkit", {}).items():
+        extra = "".join(f", {name} ×{r[key]:.2f}" for key, name in
+                        (("cpu_time", "CPU time speed-up"), ("peak_mem", "peak memory"))
+                        if r.get(key) is not None)
+        notes.append(f"{label} vs mimkit: throughput ×{r['throughput']:.2f}{extra}, FLOPs ×{r['flops']:.2f}, "
+                     f"saved activations ×{r['saved_activations']:.2f}")
     notes += [f"skipped {impl}: {why}" for impl, why in report["skipped"].items()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -535,6 +563,157 @@ def describe(spec: BenchSpec) -> str:
     return (f"{spec.method} {spec.arch}{patch} {spec.img_size}px×{spec.in_chans}ch{extra}, batch "
             f"{spec.batch_size}, {spec.device} {spec.dtype}{' compiled' if spec.compile else ''}, "
             f"{spec.warmup} warm-up + {spec.iters} timed steps")
+
+
+# --------------------------------------------------------------------------------------------
+# Real JPEGs: decode + augmentation throughput per CPU core
+# --------------------------------------------------------------------------------------------
+
+
+def _pink_field(rng, shape: tuple[int, int], octaves: range, channels: int):
+    """Sum of random fields at octave scales (bicubic-upsampled), equal weight per octave: an
+    amplitude spectrum falling as 1/f, as in photographs; zero mean, unit variance."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = shape
+    out = np.zeros((h, w, channels), np.float32)
+    for octave in octaves:
+        cells = rng.random((max(2, 2**octave * h // w), 2**octave, channels), dtype=np.float32)
+        for c in range(channels):
+            up = Image.fromarray((cells[..., c] * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+            out[..., c] += np.asarray(up, np.float32)
+    return (out - out.mean()) / out.std()
+
+
+def write_jpeg_folder(root: str | Path, count: int, size: tuple[int, int] = (500, 375),
+                      quality: int = 90, seed: int = 0) -> list[Path]:
+    """``count`` JPEGs of about ImageNet's size and file size, with natural-looking content.
+
+    Content: a 1/f luminance texture (octaves from 4 to 512 cells), a low-frequency colour
+    cast and a few flat shapes for sharp edges. Random pixels would compress far worse than
+    photos and flat images far better; this lands near ImageNet's ~110 KB average at 500×375,
+    quality 90. Landscape and portrait alternate.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        w, h = size if i % 2 == 0 else size[::-1]
+        img = 120 + 60 * _pink_field(rng, (h, w), range(2, 10), 1) + 40 * _pink_field(rng, (h, w), range(1, 4), 3)
+        pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(pil)
+        for _ in range(int(rng.integers(2, 6))):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            box = [x0, y0, x0 + int(rng.integers(10, w // 3)), y0 + int(rng.integers(10, h // 3))]
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+        path = root / f"img_{i:05d}.jpg"
+        pil.save(path, quality=quality)
+        paths.append(path)
+    return paths
+
+
+def jpeg_pipelines(img_size: int) -> dict[str, tuple[Callable[[Path], Any], Callable[[Path], Any]]]:
+    """name -> (decode only, decode + RandomResizedCrop + flip + normalise) on one file path.
+
+    ``pil``: the library's folder path (:class:`~mimkit.data.datasets.ImageFolderDataset`
+    loading, :func:`~mimkit.data.transforms.pretrain_transform`). ``torchvision``: the file's
+    bytes through ``torchvision.io.decode_jpeg`` and the same augmentation with
+    ``torchvision.transforms.v2`` on the uint8 tensor (bicubic, antialiased, as PIL).
+    """
+    import torch
+    from PIL import Image
+    from torchvision import io
+    from torchvision.transforms import v2
+
+    from mimkit.data.transforms import pretrain_transform
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pil_aug = pretrain_transform(img_size, mean, std, 3)
+
+    def pil_decode(path: Path):
+        with Image.open(path) as img:
+            return img.convert("RGB")  # as ImageFolderDataset._load
+
+    tv_aug = v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+    ])
+
+    def tv_decode(path: Path):
+        return io.decode_jpeg(io.read_file(str(path)), mode=io.ImageReadMode.RGB)
+
+    return {"pil": (pil_decode, lambda p: pil_aug(pil_decode(p))),
+            "torchvision": (tv_decode, lambda p: tv_aug(tv_decode(p)))}
+
+
+def run_jpeg_bench(root: str | Path | None = None, count: int = 128, img_size: int = 224, rounds: int = 3,
+                   threads: int = 1, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Images/s of each :func:`jpeg_pipelines` path over a folder of JPEGs, on ``threads`` threads.
+
+    Writes ``count`` JPEGs to ``root`` (a temporary folder when None) unless it already holds
+    JPEGs. Every (path, stage) pass is repeated ``rounds`` times, alternating, and the fastest
+    is kept; images per CPU-second (user + system time of this process) is the per-core rate,
+    which busy neighbours change less than the wall rate.
+    """
+    import tempfile
+
+    import torch
+    import torchvision
+    from PIL import __version__ as pil_version
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(root) if root is not None else Path(tmp)
+        paths = sorted(folder.glob("*.jpg"))
+        if not paths:
+            log(f"writing {count} JPEGs to {folder} ...")
+            paths = write_jpeg_folder(folder, count, seed=seed)
+        sizes = [p.stat().st_size for p in paths]
+        for p in paths:  # the page cache holds them: decoding is timed, not the disk
+            p.read_bytes()
+        pipelines = jpeg_pipelines(img_size)
+        best: dict[tuple[str, str], dict] = {}
+        for r in range(rounds):
+            for name, stages in pipelines.items():
+                for stage, fn in zip(("decode", "decode+augment"), stages, strict=True):
+                    torch.manual_seed(seed + r)
+                    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+                    for p in paths:
+                        fn(p)
+                    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+                    row = {"path": name, "stage": stage, "images_per_s": len(paths) / wall,
+                           "images_per_cpu_s": len(paths) / cpu, "round": r}
+                    log(f"round {r + 1}/{rounds}: {name} {stage}: {row['images_per_s']:.1f} images/s")
+                    key = (name, stage)
+                    if key not in best or row["images_per_s"] > best[key]["images_per_s"]:
+                        best[key] = row
+    return {
+        "images": len(paths), "mean_kib": sum(sizes) / len(sizes) / 1024, "img_size": img_size,
+        "threads": threads, "rounds": rounds, "rounds_rule": "fastest round per path and stage",
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "torchvision": torchvision.__version__, "pillow": pil_version,
+                        "platform": platform.platform(), "cpu": platform.processor() or platform.machine()},
+        "results": list(best.values()),
+    }
+
+
+def format_jpeg_table(report: dict[str, Any]) -> str:
+    """A Markdown table of :func:`run_jpeg_bench`'s report, torchvision against PIL."""
+    rows = {(r["path"], r["stage"]): r for r in report["results"]}
+    lines = ["| path | stage | images/s | images per CPU-s | × PIL (CPU) |", "|---|---|---|---|---|"]
+    for (path, stage), r in rows.items():
+        pil = rows.get(("pil", stage))
+        ratio = r["images_per_cpu_s"] / pil["images_per_cpu_s"] if pil else None
+        lines.append(f"| {path} | {stage} | {r['images_per_s']:.1f} | {r['images_per_cpu_s']:.1f} | "
+                     + (f"{ratio:.2f} |" if ratio else "— |"))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,10 +740,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per process (default: all cores); on a shared machine use 1 and "
                         "compare 'CPU s/step', which busy neighbours barely change")
     p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time mimkit with these overrides, against plain mimkit (repeatable; "
+                        "e.g. --variant decoder.predict_ratio=0.25 --variant train.grad_checkpointing=true)")
     p.add_argument("--peak-tflops", type=float, default=None, help="chip peak for the %% column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds per implementation run")
     p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument("--jpeg", action="store_true",
+                   help="instead: time JPEG decoding + augmentation per core (PIL vs torchvision.io)")
+    p.add_argument("--jpeg-dir", default=None, help="--jpeg: folder of .jpg files (default: write a temporary one)")
+    p.add_argument("--jpeg-count", type=int, default=128, help="--jpeg: how many JPEGs to write")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocesses (quick checks; peak-memory readings then mix)")
 
@@ -578,17 +764,36 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by parsed ``mimkit bench`` arguments and print the table."""
     from mimkit.config import load_config
 
+    if args.jpeg:
+        return main_jpeg(args)
     spec = spec_from_args(args)
     if spec.warmup < 1 and spec.compile:
         print("note: --compile with no warm-up step times the compilation", file=sys.stderr)
     if spec.iters < 1:
         raise ValueError("--iters must be at least 1")
     load_config(None, spec.config_overrides())  # fail early, naming a bad key
+    for variant in args.variant:
+        load_config(None, [*spec.config_overrides(), *variant])
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
     report = run_bench(spec, tuple(args.impl), args.rounds, args.peak_tflops, args.timeout, log,
-                       in_process=args.in_process)
+                       in_process=args.in_process, variants=args.variant)
     print(describe(spec))
     print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
+    """``mimkit bench --jpeg``: decode + augmentation rates, printed and optionally saved."""
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
+    report = run_jpeg_bench(args.jpeg_dir, args.jpeg_count, args.img_size, max(args.rounds, 1),
+                            args.threads or 1, args.seed, log)
+    print(f"{report['images']} JPEGs (mean {report['mean_kib']:.0f} KiB) -> {report['img_size']} px crops, "
+          f"{report['threads']} thread(s), fastest of {report['rounds']} rounds")
+    print(format_jpeg_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

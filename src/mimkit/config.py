@@ -42,6 +42,14 @@ class ModelConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """How much the MAE decoder reconstructs (the architecture's sizes are ``model.decoder_*``)."""
+
+    predict_ratio: float = 1.0  # share of the masked patches decoded and scored; 1: all (MAE)
+    kind: str = "self"  # self (MAE: self-attention over all tokens) | cross (CrossMAE: queries attend to visible)
+
+
+@dataclass
 class DataConfig:
     name: str = "folder"  # folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
     root: str | None = None
@@ -72,6 +80,8 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where supported, fp32 on CPU) | bf16 | fp16 | off
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards weights and optimizer state; under torchrun)
+    grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward: less memory
     checkpoint_every: int = 1000  # optimizer steps
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -183,6 +193,7 @@ class Config:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     emae: EMAEConfig = field(default_factory=EMAEConfig)
@@ -193,8 +204,10 @@ class Config:
 
 CHOICES = {
     "data.on_corrupt": ("error", "skip"),
+    "decoder.kind": ("self", "cross"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.strategy": ("ddp", "fsdp"),
     "emae.sc_distance": ("mse", "l1", "smooth_l1"),
     "emae.sc_target": ("other", "mean"),
     "teacher.schedule": ("cosine", "constant"),
@@ -440,6 +453,13 @@ def _validate_methods(cfg: Config) -> None:
     for key, value in (("teacher.momentum", te.momentum), ("teacher.momentum_end", te.momentum_end)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if not 0.0 < cfg.decoder.predict_ratio <= 1.0:
+        raise ConfigError(f"decoder.predict_ratio: must be in (0, 1], got {cfg.decoder.predict_ratio}")
+    if cfg.decoder.predict_ratio < 1.0 and method_parts(cfg.method) & {"emae", "mixedae"}:
+        raise ConfigError(
+            f"decoder.predict_ratio={cfg.decoder.predict_ratio} is implemented for mae and rcmae only, "
+            f"not method '{cfg.method}'; set decoder.predict_ratio=1"
+        )
     if mx.ways < 0:
         raise ConfigError(f"mixedae.ways: must be >= 0 (0: 1/(1-mask_ratio)), got {mx.ways}")
     if mx.topk < 0:

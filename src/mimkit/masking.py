@@ -38,6 +38,39 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> Masks:
     return Masks(ids_keep, ids_restore, mask)
 
 
+def second_draw(noise: torch.Tensor) -> torch.Tensor:
+    """A second uniform draw from the same noise: each value's 24 random bits rotated by 12.
+
+    ``torch.rand`` gives float32 values ``k / 2**24`` (24 random bits). Masking ranks patches
+    by ``k``, i.e. mostly by its high 12 bits; this key ranks them by the low 12 bits first
+    (then the high ones, so there are no new ties). The low bits are independent of the high
+    ones, so the key is (up to ties in the high bits) an independent uniform draw, and still a
+    pure function of the noise: exact resume holds without drawing more noise per sample.
+    Float32 arithmetic here is exact (products and sums of multiples of ``2**-24`` below 1).
+    """
+    scaled = noise * 4096.0
+    high = torch.floor(scaled)
+    return (scaled - high) + high / 2**24
+
+
+def predicted_subset(noise: torch.Tensor, masks: Masks, predict_ratio: float) -> torch.Tensor:
+    """Indices (B, n_pred) of the masked patches that partial reconstruction predicts.
+
+    The ``predict_ratio`` share of each image's masked patches with the smallest
+    :func:`second_draw` key, in ascending patch order (PR-MIM-style partial reconstruction:
+    a random subset of the masked patches, drawn independently of which patches are masked).
+    """
+    if not 0.0 < predict_ratio <= 1.0:
+        raise ValueError(f"decoder.predict_ratio: must be in (0, 1], got {predict_ratio}")
+    length = noise.shape[1]
+    len_keep = masks.ids_keep.shape[1]
+    n_pred = max(1, int((length - len_keep) * predict_ratio))
+    # Visible patches get a key above every masked one (keys are < 1), so they sort last.
+    key = second_draw(noise) + (1.0 - masks.mask) * 2.0
+    ids = torch.argsort(key, dim=1)[:, :n_pred]
+    return torch.sort(ids, dim=1).values
+
+
 def num_parts_for(mask_ratio: float, num_patches: int) -> int:
     """``K = 1 / (1 - mask_ratio)`` for a K-part partition; errors when K is not usable."""
     visible = 1.0 - mask_ratio

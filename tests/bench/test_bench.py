@@ -70,3 +70,45 @@ def test_flop_counter_counts_cpu_attention():
     # torch's flash-attention formulas: 2 products forward, 5 backward (scores recomputed),
     # each 2·(b·h)·s·s·d FLOPs; without the CPU mapping this would be 0
     assert counter.get_total_flops() == 7 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+def test_variants_are_timed_against_plain_mimkit(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--impl", "mimkit", "--in-process", "--json", str(out),
+            "--variant", "decoder.predict_ratio=0.25", "--variant", "train.grad_checkpointing=true"]
+    assert main(["bench", *argv]) == 0
+    report = json.loads(out.read_text())
+    labels = [r["impl"] for r in report["results"]]
+    assert labels == ["mimkit", "mimkit decoder.predict_ratio=0.25", "mimkit train.grad_checkpointing=true"]
+    speed = report["variants_over_mimkit"]
+    # partial reconstruction does less decoder work; checkpointing recomputes the forward
+    assert speed["mimkit decoder.predict_ratio=0.25"]["flops"] < 0.9
+    assert speed["mimkit train.grad_checkpointing=true"]["flops"] > 1.1
+    assert "mimkit decoder.predict_ratio=0.25 vs mimkit: throughput" in capsys.readouterr().out
+    # a bad variant fails before anything runs, as a one-line error naming the key
+    assert main(["bench", *TINY, "--impl", "mimkit", "--in-process", "--variant", "decoder.predict_ratio=2"]) == 2
+    assert "decoder.predict_ratio" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29 -> TorchCodec
+def test_jpeg_bench_paths_agree_and_report(tmp_path, capsys):
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    paths = bench.write_jpeg_folder(tmp_path / "jpgs", 2, size=(64, 48))
+    assert [p.suffix for p in paths] == [".jpg", ".jpg"]
+    pipes = bench.jpeg_pipelines(32)
+    for _decode, augment in pipes.values():
+        assert augment(paths[1]).shape == (3, 32, 32) and augment(paths[1]).dtype == torch.float32
+    # both decoders read the same pixels (libjpeg-turbo in each; IDCT rounding may differ by 1)
+    pil = torch.from_numpy(np.array(pipes["pil"][0](paths[1]))).permute(2, 0, 1)
+    tv = pipes["torchvision"][0](paths[1])
+    assert tv.shape == pil.shape == (3, 64, 48)
+    assert (tv.int() - pil.int()).abs().max() <= 1
+    out = tmp_path / "jpeg.json"
+    assert main(["bench", "--jpeg", "--jpeg-dir", str(tmp_path / "jpgs"), "--img-size", "32",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 2 and report["threads"] == 1
+    assert {(r["path"], r["stage"]) for r in report["results"]} == {
+        (p, s) for p in ("pil", "torchvision") for s in ("decode", "decode+augment")}
+    assert "| torchvision | decode+augment |" in capsys.readouterr().out

@@ -17,7 +17,7 @@ log = logging.getLogger("mimkit")
 SAFE_ON_RESUME = (
     "train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
     "train.log_every", "train.vis_every", "train.knn_every", "train.device", "train.compile",
-    "train.loggers", "data.root", "data.num_workers", "eval.",
+    "train.loggers", "train.grad_checkpointing", "data.root", "data.num_workers", "eval.",
 )
 
 

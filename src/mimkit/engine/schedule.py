@@ -1,8 +1,14 @@
-"""Per-iteration schedules (METHODS §1): linear warm-up then half-cycle cosine."""
+"""Learning rates and per-iteration schedules: the linear scaling rule, linear warm-up then a
+half-cycle cosine (the MAE recipe, docs/methods/mae.md)."""
 
 from __future__ import annotations
 
 import math
+
+
+def scaled_lr(lr: float | None, blr: float, effective_batch: int) -> float:
+    """``lr`` if given, else the linear scaling rule ``blr * effective_batch / 256`` (MAE, Goyal et al.)."""
+    return lr if lr is not None else blr * effective_batch / 256
 
 
 def warmup_cosine(step: float, total: float, warmup: float, base: float, final: float = 0.0) -> float:

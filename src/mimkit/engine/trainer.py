@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, config_yaml, to_dict
 from mimkit.data.sampler import ShardedEpochSampler
+from mimkit.engine import parallel
 from mimkit.engine.checkpoint import (
     atomic_write_text,
     list_checkpoints,
@@ -36,7 +36,7 @@ from mimkit.engine.distributed import all_mean, any_rank, barrier, cleanup, init
 from mimkit.engine.logging import MetricLogger, setup_logging
 from mimkit.engine.precision import adamw_kernel, autocast_for, grad_scaler_for  # noqa: F401 (re-exported)
 from mimkit.engine.rundir import RunLock, check_resume_compatible
-from mimkit.engine.schedule import warmup_cosine
+from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.errors import DataError, MimkitError, RunError
 from mimkit.eval.knn import knn_monitor
 from mimkit.models import model_from_config
@@ -245,28 +245,24 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         )
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     eff_batch = global_batch * t.accum_iter
-    base_lr = t.lr if t.lr is not None else t.blr * eff_batch / 256
+    base_lr = scaled_lr(t.lr, t.blr, eff_batch)
     warmup_steps = t.warmup_epochs * steps_per_epoch
     if warmup_steps >= total_steps:
         log.warning("warm-up (%d steps) is not shorter than the run (%d steps)", warmup_steps, total_steps)
 
+    net = parallel.wrap(objective, t.strategy, info, device)  # before the optimizer: FSDP2 swaps parameters
     params = param_groups_weight_decay(objective, t.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=base_lr, betas=tuple(t.betas), **adamw_kernel(device))
 
     scaler = grad_scaler_for(t.amp, device)  # fp16 only
     step = 0
     if state is not None:
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_full_state(objective, optimizer, state, t.strategy, info)
         set_rng_state(state["rng"])
         step = state["step"]
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
 
-    # DDP averages gradients over ranks: with equal per-rank batches that is the gradient of
-    # the global-batch loss, so N processes x batch b trains like 1 process x batch N*b.
-    net = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else objective
     step_fn = torch.compile(net) if t.compile else net
     autocast = autocast_for(t.amp, device)
     log.info("%s: %d samples, %d steps/epoch, %d steps, effective batch %d (%d x %d processes x %d), "
@@ -280,9 +276,11 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     data_time, last_log_step, t_prev = 0.0, step, time.perf_counter()
 
     def make_state() -> dict:
+        """The checkpoint: full state dicts (gathered from the shards under FSDP2, on every rank)."""
+        full, optim = parallel.full_state(objective, optimizer, t.strategy, info)
         state = {
-            "step": step, "config": to_dict(cfg), "objective": objective.state_dict(),
-            "model": objective.eval_model().state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "config": to_dict(cfg), "objective": full,
+            "model": parallel.submodule_state(full, objective, objective.eval_model()), "optimizer": optim,
             "rng": rng_state(), "arch": model.arch, "norm_pix_loss": cfg.norm_pix_loss,
             "method": cfg.method, "format": "mimkit-v1",
         }
@@ -290,8 +288,8 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
             state["scaler"] = scaler.state_dict()
         teacher = getattr(objective, "teacher", None)
         if teacher is not None:  # RC-MAE-style: keep both; "model" holds the eval weights
-            state["student"] = objective.model.state_dict()
-            state["teacher"] = teacher.state_dict()
+            state["student"] = parallel.submodule_state(full, objective, objective.model)
+            state["teacher"] = parallel.submodule_state(full, objective, teacher)
         return state
 
     objective.train()
@@ -311,9 +309,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     data_time += time.perf_counter() - t_data
                     imgs = imgs.to(device, non_blocking=True)
                     noise = noise.to(device, non_blocking=True)
-                    # DDP syncs gradients only on the last micro-batch of the step.
-                    sync = net.no_sync() if info.enabled and micro + 1 < t.accum_iter else nullcontext()
-                    with sync:
+                    with parallel.grad_sync(net, t.strategy, info, sync=micro + 1 == t.accum_iter):
                         with autocast:
                             out = step_fn(imgs, noise, step / total_steps)
                         loss = out["loss"] / t.accum_iter
@@ -327,7 +323,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                 if scaler is not None:
                     scaler.unscale_(optimizer)  # clip and log the true gradient norm
                 max_norm = t.clip_grad if t.clip_grad is not None else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
+                grad_norm = parallel.local_value(torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm))
                 if scaler is not None:  # skips the step when fp16 gradients overflowed
                     scaler.step(optimizer)
                     scaler.update()
@@ -370,8 +366,10 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                 preempted = stop.received is not None if not info.enabled else \
                     (is_log and any_rank(stop.received is not None, info, device))
                 if is_ckpt or preempted:
+                    ckpt_state = make_state()
                     if info.is_main:
-                        last_ckpt = save_checkpoint(run, step, make_state(), t.keep_checkpoints)
+                        last_ckpt = save_checkpoint(run, step, ckpt_state, t.keep_checkpoints)
+                    del ckpt_state
                     barrier(info)
                 if preempted:
                     raise Preempted(f"{stop.received or 'a stop signal'} received: checkpoint at step "

@@ -92,3 +92,19 @@ def autocast_context(cfg, device: torch.device):
     from mimkit.engine.precision import autocast_for
 
     return autocast_for(cfg.train.amp, device)
+
+
+def timm_encoder(cfg, weights=None, **kwargs) -> torch.nn.Module:
+    """A timm ``VisionTransformer`` of cfg's image size from ``weights`` (a
+    :class:`~mimkit.interop.convert.Weights`) or, with None, from a fresh MAE initialisation of
+    cfg's architecture (sin-cos positions, xavier) seeded by ``train.seed``: the from-scratch
+    baseline starts exactly where pre-training would."""
+    from mimkit.interop.timm import to_timm_vit
+
+    if weights is None:
+        from mimkit.models import model_from_config
+
+        torch.manual_seed(cfg.train.seed)
+        mae = model_from_config(cfg)
+        return to_timm_vit(mae.state_dict(), mae.arch, img_size=cfg.model.img_size, **kwargs)
+    return to_timm_vit(weights.state, weights.arch, img_size=cfg.model.img_size, **kwargs)

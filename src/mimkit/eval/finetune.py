@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.engine.schedule import warmup_cosine
-from mimkit.eval.common import labelled_dataset, num_classes_of
+from mimkit.engine.schedule import scaled_lr, warmup_cosine
+from mimkit.eval.common import labelled_dataset, num_classes_of, timm_encoder
 
 log = logging.getLogger("mimkit")
 
@@ -79,19 +79,10 @@ def build_classifier(cfg, num_classes: int, source=None, weights: str = "auto") 
     freshly initialised MAE of cfg's architecture (MAE init: sin-cos positions, xavier), seeded
     by ``train.seed``."""
     from mimkit.interop.convert import Weights, read_weights
-    from mimkit.interop.timm import to_timm_vit
 
     f = cfg.eval.finetune
-    kw = dict(num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path,
-              img_size=cfg.model.img_size)
-    if source is None:
-        from mimkit.models import model_from_config
-
-        torch.manual_seed(cfg.train.seed)
-        mae = model_from_config(cfg)
-        return to_timm_vit(mae.state_dict(), mae.arch, **kw)
-    w = source if isinstance(source, Weights) else read_weights(source, weights)
-    return to_timm_vit(w.state, w.arch, **kw)
+    w = source if source is None or isinstance(source, Weights) else read_weights(source, weights)
+    return timm_encoder(cfg, w, num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path)
 
 
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
@@ -150,7 +141,7 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     total = f.max_steps if f.max_steps is not None else f.epochs * steps_per_epoch
     warmup = f.warmup_epochs * steps_per_epoch
     eff_batch = batch * accum
-    lr = f.lr if f.lr is not None else f.blr * eff_batch / 256
+    lr = scaled_lr(f.lr, f.blr, eff_batch)
 
     model = model.to(device)
     optimizer = build_optimizer(model, cfg, lr)

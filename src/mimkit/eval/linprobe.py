@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.engine.schedule import warmup_cosine
+from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.eval.common import autocast_context, labelled_dataset, num_classes_of, pool_tokens
 from mimkit.eval.knn import extract_features
 
@@ -90,7 +90,7 @@ def _train_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, p, 
     feats, labels = feats.to(device), labels.to(device)
     head = LinearProbe(feats.shape[1], num_classes).to(device)
     batch = min(p.batch_size * p.accum_iter, feats.shape[0])  # tensors: no need to accumulate
-    lr = p.lr if p.lr is not None else p.blr * batch / 256
+    lr = scaled_lr(p.lr, p.blr, batch)
     opt = build_optimizer(head, p.optimizer, lr, p.momentum, p.weight_decay)
     steps_per_epoch = max(1, feats.shape[0] // batch)
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
@@ -134,7 +134,7 @@ def _train_head_online(encoder, cfg, train_ds, num_classes: int, device: torch.d
     dim = width * (2 if p.feature == "both" else 1)
     head = LinearProbe(dim, num_classes).to(device)
     batch, accum = min(p.batch_size, len(train_ds)), p.accum_iter
-    lr = p.lr if p.lr is not None else p.blr * batch * accum / 256
+    lr = scaled_lr(p.lr, p.blr, batch * accum)
     opt = build_optimizer(head, p.optimizer, lr, p.momentum, p.weight_decay)
     loader = DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=len(train_ds) > batch,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",

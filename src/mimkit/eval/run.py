@@ -44,17 +44,9 @@ def result_name(protocol: str, from_scratch: bool, label_fraction: float) -> str
 def _encoder_for_features(cfg: Config, w):
     """A timm ViT (``global_pool='token'``) whose ``forward_features`` are the MAE encoder's;
     ``w`` is the checkpoint's :class:`~mimkit.interop.convert.Weights`, or None (from scratch)."""
-    from mimkit.interop.timm import to_timm_vit
+    from mimkit.eval.common import timm_encoder
 
-    if w is None:
-        from mimkit.models import model_from_config
-
-        torch.manual_seed(cfg.train.seed)
-        mae = model_from_config(cfg)
-        state, arch = mae.state_dict(), mae.arch
-    else:
-        state, arch = w.state, w.arch
-    return to_timm_vit(state, arch, global_pool="token", img_size=cfg.model.img_size)
+    return timm_encoder(cfg, w, global_pool="token")
 
 
 def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | Path | None = None,

@@ -94,6 +94,9 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def hf_config_kwargs(model: MaskedAutoencoderViT) -> dict:
     """``ViTMAEConfig`` keyword arguments for the same architecture (eps 1e-6, as MAE)."""
     a = model.arch
+    if a.get("decoder_kind", "self") != "self":
+        raise ValueError(f"Hugging Face ViTMAE has no {a['decoder_kind']}-attention decoder; export the "
+                         "encoder only (timm) for a model pre-trained with decoder.kind=cross")
     if a["img_size"][0] != a["img_size"][1]:
         raise ValueError("Hugging Face ViTMAE supports square images only")
     return dict(

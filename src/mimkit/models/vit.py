@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -73,3 +74,34 @@ def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Mo
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)
     )
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block (CrossMAE, Fu et al. 2024): queries attend only to a
+    context (the visible tokens), never to each other, then an MLP; both residual."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm1, self.norm_context = LayerNorm(dim), LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, m, dim = x.shape
+        heads = self.num_heads
+        q = self.q(self.norm1(x)).view(b, m, heads, dim // heads).transpose(1, 2)
+        k, v = self.kv(self.norm_context(context)).view(b, -1, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, m, dim)
+        x = x + self.proj(attn)
+        return x + self.mlp(self.norm2(x))
+
+
+def make_cross_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
+    """``depth`` :class:`CrossBlock` layers (a CrossMAE decoder)."""
+    return nn.ModuleList(CrossBlock(dim, num_heads, mlp_ratio) for _ in range(depth))

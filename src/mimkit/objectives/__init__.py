@@ -58,7 +58,7 @@ def build_objective(cfg: Config, model: MaskedAutoencoderViT) -> nn.Module:
                 segment_embed=m.segment_embed, batch_size=cfg.train.batch_size,
             )
         else:
-            objective = MAE(model, cfg.mask_ratio)
+            objective = MAE(model, cfg.mask_ratio, predict_ratio=cfg.decoder.predict_ratio)
     except ValueError as e:  # shape errors that need the model (K vs L, batch vs r) name their key
         raise ConfigError(str(e)) from None
     if "rcmae" in parts:

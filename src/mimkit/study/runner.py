@@ -31,7 +31,8 @@ log = logging.getLogger("mimkit")
 
 # Config keys that do not change what a pre-training run computes.
 NOT_PRETRAINING = ("eval", "data.num_workers", "train.checkpoint_every", "train.keep_checkpoints",
-                   "train.log_every", "train.vis_every", "train.knn_every", "train.loggers")
+                   "train.log_every", "train.vis_every", "train.knn_every", "train.loggers",
+                   "train.grad_checkpointing", "train.strategy")
 
 
 def pretraining_key(cfg: Config) -> dict:
