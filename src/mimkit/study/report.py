@@ -151,11 +151,11 @@ def _claim_measure(c: Claim, v: Verdict) -> str:
         return "–"
     if c.rule == "time_to_reference":
         return f"{v.value:.2f} × the reference's time"
-    k, unit = (100.0, " points") if is_accuracy(c.metric) else (1.0, "")
+    k, unit, d = (100.0, " points", 2) if is_accuracy(c.metric) else (1.0, "", 4)
     if c.rule == "threshold":
-        return f"{k * v.value:.2f}" + ("%" if k == 100 else "")
-    noise = "" if v.noise is None else f" (noise ±{k * v.noise:.2f}{unit}; n={v.n[0]} vs {v.n[1]})"
-    return f"{k * v.value:+.2f}{unit}{noise}"
+        return f"{k * v.value:.{d}f}" + ("%" if k == 100 else "")
+    noise = "" if v.noise is None else f" (noise ±{k * v.noise:.{d}f}{unit}; n={v.n[0]} vs {v.n[1]})"
+    return f"{k * v.value:+.{d}f}{unit}{noise}"
 
 
 def _claim_rule(c: Claim, titles: dict[str, str]) -> str:
