@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
-STUDY ?= runs/study
+STUDY ?= $(or $(MIMKIT_CACHE),$(HOME)/.cache/mimkit)/study/fmnist_study
 
 .PHONY: setup data demo test lint study clean
 
@@ -23,7 +23,7 @@ data: setup
 demo: data
 	$(BIN)/mimkit demo --out $(OUT)
 
-# The methods compared on Fashion-MNIST (~1.5-2 h on 2 CPU cores; re-running resumes), then
+# The methods at equal wall-clock on Fashion-MNIST (~4-5 h on 2 CPU cores; re-running resumes), then
 # docs/RESULTS.md and its plots from the run folders.
 study: data
 	$(BIN)/mimkit study --config fmnist_study --out $(STUDY)

@@ -98,11 +98,11 @@ def cmd_study(args: argparse.Namespace) -> None:
     from mimkit.study import run_study
 
     index = run_study(args.config, args.out, args.budget, args.overrides)
-    print(f"study index: {index}\nwrite the report with: mimkit report --study {args.out}")
+    print(f"study index: {index}\nwrite the report with: mimkit report --study {index.parent}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from mimkit.report import write_report
+    from mimkit.study import write_report
 
     print(f"wrote {write_report(args.study, args.out)}")
 
@@ -210,14 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="compare the methods on real data (cached, resumable)")
     p.add_argument("--config", default="fmnist_study", help="study preset or YAML file")
-    p.add_argument("--out", default="runs/study", help="study folder (re-running it resumes)")
-    p.add_argument("--budget", type=float, default=1.0,
-                   help="scale pre-training and fine-tuning steps (e.g. 0.1 for a quick look)")
+    p.add_argument("--out", default=None, help="study folder (re-running it resumes); default "
+                   "$MIMKIT_CACHE/study/<name>, ~/.cache/mimkit unless set")
+    p.add_argument("--budget", type=float, default=1.0, help="scale pre-training wall-clock and "
+                   "fine-tuning length; below 1 also fewer seeds (0.25: a quick look)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (study.seeds=[0], train.batch_size=128)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="write RESULTS.md and its plots from a study folder")
-    p.add_argument("--study", default="runs/study", help="study folder")
+    p.add_argument("--study", default=None, help="study folder (default: fmnist_study's)")
     p.add_argument("--out", default="docs/RESULTS.md", help="markdown file (plots go beside it)")
     p.set_defaults(func=cmd_report)
 

@@ -1,0 +1,196 @@
+"""``mimkit study`` and ``mimkit report`` end to end on a tiny synthetic study: the plan, the
+wall-clock budget, caching, resume, the typed index and the generated page."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mimkit.cli import main
+from mimkit.config import ConfigError
+from mimkit.study import Study, StudyIndex, load_study, write_report
+
+TINY = {
+    "method": "mae", "mask_ratio": 0.75,
+    "model": {"arch": "vit_tiny_small_images", "img_size": 16, "in_chans": 1, "embed_dim": 32, "depth": 2,
+              "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+    "data": {"name": "synthetic", "synthetic_size": 64, "num_workers": 0},
+    "train": {"batch_size": 8, "blr": 1e-3, "loggers": []},
+    "eval": {"batch_size": 64, "linprobe": {"epochs": 2, "warmup_epochs": 0},
+             "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 16}},
+    "study": {
+        "reference": "foo", "budget_epochs": 1.0, "calibration_steps": 4, "eval_fractions": [0.34, 0.67, 1.0],
+        "label_fractions": [0.5, 1.0],
+        "arms": [{"name": "foo", "title": "Foo", "overrides": ["method=mae"], "seeds": [0, 1]},
+                 {"name": "bar", "overrides": ["method=rcmae"], "seeds": [0, 1]},
+                 {"name": "zero", "pretrain": False, "seeds": [0, 1]}],
+        "finetune": [{"label_fraction": 0.5, "arms": ["foo", "zero"]}],
+        "claims": [
+            {"name": "bar sooner", "rule": "time_to_reference", "arm": "bar", "reference": "foo", "at_most": 1.0},
+            {"name": "foo beats zero", "rule": "difference", "arm": "foo", "reference": "zero",
+             "metric": "finetune_top1", "label_fraction": 0.5, "at_least": 0.0},
+            {"name": "teacher vs student", "rule": "difference", "arm": "bar", "reference": "bar",
+             "reference_view": "student", "at_least": 0.0, "tolerance": 0.01},
+            {"name": "loss low", "rule": "threshold", "arm": "foo", "metric": "loss", "at_most": 10.0},
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def study_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_dir(study_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    spec, base = load_study(study_file)
+    Study(spec, base, out).run()
+    return out
+
+
+def test_plan_budget_and_index(study_dir):
+    ix = StudyIndex.load(study_dir / "study.json")
+    assert {(r.arm, r.seed, r.kind) for r in ix.runs} == {
+        ("foo", 0, "pretrain"), ("foo", 1, "pretrain"), ("bar", 0, "pretrain"), ("bar", 1, "pretrain"),
+        ("zero", 0, "scratch"), ("zero", 1, "scratch")}
+    cal = {c.arm: c.s_per_step for c in ix.calibration}
+    assert ix.budget_s == pytest.approx(1.0 * 8 * cal["foo"])  # 1 epoch of foo = 64 / 8 steps
+    for r in ix.runs:
+        if r.kind == "pretrain":  # the same wall-clock for every arm, from its calibrated step time
+            assert r.steps == max(3, round(ix.budget_s / cal[r.arm]))
+            assert r.eval_steps[-1] == r.steps and len(r.eval_steps) >= 2
+            for step in r.eval_steps:
+                for metric in ("knn_top1", "linprobe_top1"):
+                    for f in (0.5, 1.0):
+                        hits = [e for e in ix.select(r.arm, metric, f, seed=r.seed) if e.step == step]
+                        assert len(hits) == 1 and 0.0 <= hits[0].value <= 1.0
+    walls = [e.wall_s for e in ix.select("foo", "knn_top1", 1.0, seed=0)]
+    assert walls == sorted(walls) and walls[0] > 0
+    assert ix.final("bar", "knn_top1", 1.0, view="student")  # teacher-student runs: both views
+    assert len(ix.final("foo", "finetune_top1", 0.5)) == 2 and len(ix.final("zero", "finetune_top1", 0.5)) == 2
+    assert not ix.final("bar", "finetune_top1", 0.5)  # not in the job's arms
+    assert ix.final("foo", "loss")  # the metrics log, as records
+    assert len(ix.final("bar", "pairwise_mse")) == 2  # prediction consistency at the end of each run
+
+
+def test_index_round_trip(study_dir, tmp_path):
+    ix = StudyIndex.load(study_dir / "study.json")
+    ix.save(tmp_path / "copy.json")
+    assert StudyIndex.load(tmp_path / "copy.json") == ix
+
+
+def test_rerun_computes_nothing(study_file, study_dir, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached result was recomputed")
+
+    before = (study_dir / "study.json").read_text()
+    monkeypatch.setattr("mimkit.engine.trainer.pretrain", boom)
+    monkeypatch.setattr("mimkit.eval.finetune.run_finetune", boom)
+    monkeypatch.setattr("mimkit.study.runner.Study._frozen", boom)
+    spec, base = load_study(study_file)
+    Study(spec, base, study_dir).run()
+    old, new = json.loads(before), json.loads((study_dir / "study.json").read_text())
+    for key in ("runs", "evals", "calibration"):
+        assert new[key] == old[key]
+
+
+def test_interrupted_run_resumes(study_file, study_dir, monkeypatch):
+    ix = StudyIndex.load(study_dir / "study.json")
+    rec = next(r for r in ix.runs if r.arm == "bar" and r.seed == 1)
+    run = study_dir / rec.folder
+    (run / "done.json").unlink()  # as if killed between its last two evaluation points
+    (run / f"checkpoint-{rec.steps:08d}.pt").unlink()
+    calls = []
+    import mimkit.engine.trainer as trainer
+
+    real = trainer.pretrain
+
+    def spy(cfg, r, resume=False, **kw):
+        calls.append(resume)
+        return real(cfg, r, resume, **kw)
+
+    monkeypatch.setattr(trainer, "pretrain", spy)
+    spec, base = load_study(study_file)
+    Study(spec, base, study_dir).run()
+    assert calls == [True] and (run / "done.json").exists()
+    assert (run / f"checkpoint-{rec.steps:08d}.pt").exists()
+    from mimkit.engine.logging import read_metrics
+
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, rec.steps + 1))  # each step once
+
+
+def test_report_is_generic(study_dir, tmp_path):
+    out = write_report(study_dir, tmp_path / "RESULTS.md")
+    text = out.read_text()
+    for heading in ("## Setup", "## Claims", "## Arms at the end", "## Time to the reference", "## Plots"):
+        assert heading in text
+    assert "| Foo |" in text and "| bar (student) |" in text and "| zero |" in text
+    assert "`synthetic`" in text and "patch 4" in text and "torch " in text
+    for name in ("MAE", "EMAE", "RC-MAE", "MixedAE", "Fashion"):
+        assert name not in text
+    for png in ("accuracy_vs_time.png", "loss_vs_time.png", "recon_foo.png", "recon_bar.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert {c["name"] for c in summary["claims"]} == {c["name"] for c in TINY["study"]["claims"]}
+    assert all(c["verdict"] for c in summary["claims"])
+    point = next(p for p in summary["points"] if p["arm"] == "foo")
+    assert {m["metric"] for m in point["metrics"]} >= {"knn_top1", "linprobe_top1"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("study.reference=nope", "no arm named 'nope'"),
+    ("study.eval_fractions=[0.0]", "eval_fractions"),
+    ("study.budget_epoch=2", "did you mean 'study.budget_epochs'"),
+    ("study.arms=[{name: a, overrides: [method=mea]}]", "unknown 'mea'"),
+    ("study.claims=[{name: c, rule: guess, arm: foo, at_least: 0}]", "rule must be one of"),
+    ("study.claims=[{name: c, rule: threshold, arm: foo}]", "at_least or at_most"),
+])
+def test_bad_study_file(study_file, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(study_file, [override])
+
+
+def test_cli_errors(study_file, tmp_path, capsys):
+    assert main(["study", "--config", "nope", "--out", str(tmp_path)]) == 2
+    assert "no study preset" in capsys.readouterr().err
+    assert main(["study", "--config", str(study_file), "--budget", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_evaluation_settings_do_not_change_the_run(study_file):
+    from mimkit.study import config_hash
+
+    _, base = load_study(study_file)
+    _, other_eval = load_study(study_file, ["eval.finetune.blr=0.01", "data.num_workers=2"])
+    _, other_train = load_study(study_file, ["train.blr=0.01"])
+    assert config_hash(base) == config_hash(other_eval)
+    assert config_hash(base) != config_hash(other_train)
+
+
+def test_quick_look_keeps_fewer_seeds(study_file, tmp_path):
+    spec, base = load_study(study_file)
+    study = Study(spec, base, tmp_path, budget=0.25)
+    assert study.seeds(spec.arm("foo")) == [0]
+    assert Study(spec, base, tmp_path, budget=0.5).seeds(spec.arm("foo")) == [0]
+    assert Study(spec, base, tmp_path, budget=2).seeds(spec.arm("foo")) == [0, 1]
+
+
+def test_default_output_is_outside_the_checkout(monkeypatch, tmp_path):
+    from mimkit.study import default_out
+
+    monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path))
+    assert default_out("x") == tmp_path / "study" / "x"
+
+
+def test_shipped_preset_loads():
+    from mimkit.config import Config
+
+    if not hasattr(Config(), "decoder"):
+        pytest.skip("the preset's partial-reconstruction arm needs decoder.predict_ratio")
+    spec, _ = load_study("fmnist_study")
+    assert spec.reference == "mae" and spec.budget_epochs >= 8 and len(spec.eval_fractions) >= 4
