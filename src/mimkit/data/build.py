@@ -1,25 +1,37 @@
 """From a config to data: splits, statistics, a batch that fits, and the start-up summary.
 
+* :func:`build_dataset` — one split of a named data set (folder, torchvision, shards, synthetic).
 * :func:`dataset_from_config` — one split (``train`` | ``val`` | ``test``) of ``cfg.data``.
 * :func:`pretrain_dataset` — the seeded pre-training set; it also resolves ``data.stats=compute``
   and fits the batch to the data (both written into ``cfg``, so the saved config, resume and
   evaluation use the same values).
-* :func:`log_run_summary` — what the run is about to do, printed before the first step.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections import Counter
+from pathlib import Path
 
-import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from mimkit.errors import DataError
 
-from .datasets import DataSplit, ImageFolderDataset, SeededDataset, build_dataset, split_folder
+from .datasets import (
+    SPLITS,
+    DataSplit,
+    ImageFolderDataset,
+    SeededDataset,
+    SyntheticDataset,
+    Transform,
+    dataset_stats,
+    load_torchvision,
+    split_folder,
+    split_indices,
+)
+from .shards import ShardDataset, has_split
+from .sources import TORCHVISION, canonical_name
 
 log = logging.getLogger("mimkit")
 
@@ -46,7 +58,6 @@ def has_test_split(name: str, root: str | None) -> bool:
         return root is not None and Path(root).expanduser().is_dir() and \
             split_folder(Path(root).expanduser().absolute(), "test") is not None
     if key == "shards":
-        from .shards import has_split
 
         return root is not None and has_split(root, "test")
     return True
@@ -57,6 +68,85 @@ def val_fraction(cfg) -> float:
     if cfg.data.val_fraction is not None:
         return float(cfg.data.val_fraction)
     return 0.0 if has_test_split(cfg.data.name, cfg.data.root) else 0.1
+
+
+def _base_dataset(key: str, root: str | None, source: str, transform: Transform, *, img_size: int,
+                  in_chans: int, seed: int, synthetic_size: int) -> Dataset | None:
+    """The source split ``source`` ("train"/"test") of data set ``key``; None if it has none."""
+    if key in TORCHVISION:
+        return load_torchvision(key, root, source, transform)
+    if key == "folder":
+        if root is None:
+            raise DataError("data.root: the 'folder' data set needs data.root=<folder of images>")
+        if source == "test" and split_folder(Path(root).expanduser().absolute(), "test") is None:
+            return None
+        return ImageFolderDataset(root, source, transform, in_chans=in_chans)
+    if key == "shards":
+        if root is None:
+            raise DataError("data.root: the 'shards' data set needs data.root=<folder written by mimkit make-shards>")
+        if source == "test" and not has_split(root, "test"):
+            return None
+        return ShardDataset(root, source, transform, in_chans=in_chans)
+    return SyntheticDataset(synthetic_size, img_size, in_chans, seed, source, transform)
+
+
+_warned_no_test: set[str] = set()
+
+
+def build_dataset(
+    name: str,
+    root: str | None,
+    split: str,
+    transform: Transform = None,
+    *,
+    on_corrupt: str = "error",
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    synthetic_size: int = 512,
+    img_size: int = 32,
+    in_chans: int = 3,
+    seed: int = 0,
+) -> DataSplit:
+    """Split ``split`` ("train" | "val" | "test") of one of ``DATASET_NAMES``.
+
+    ``train``/``val`` partition the source's training images (:func:`split_indices` with
+    ``val_fraction`` and ``split_seed``); ``test`` is the source's test split. A source with
+    no test split (a folder without ``test/``, shards without ``test/``) evaluates on ``val``
+    instead, with a warning. ``on_corrupt`` applies to folders and shards; ``synthetic_size``,
+    ``img_size`` and ``seed`` to "synthetic"; ``in_chans`` to folders, shards and "synthetic"
+    (the torchvision data sets keep their native channels).
+    """
+    key = canonical_name(name)
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    kw = dict(img_size=img_size, in_chans=in_chans, seed=seed, synthetic_size=synthetic_size)
+    if split == "test":
+        base = _base_dataset(key, root, "test", transform, **kw)
+        if base is not None:
+            return DataSplit(base, on_corrupt=on_corrupt, split="test")
+        if val_fraction <= 0:
+            raise DataError(f"data.root: {root} has no test split and data.val_fraction is 0, so nothing is "
+                            "held out for evaluation; add a test/ folder beside train/, or set data.val_fraction=0.1")
+        if str(root) not in _warned_no_test:
+            _warned_no_test.add(str(root))
+            log.warning("%s has no test split; evaluating on the held-out val split (data.val_fraction=%g)",
+                           root, val_fraction)
+        split = "val"
+    base = _base_dataset(key, root, "train", transform, **kw)
+    train, val = split_indices(len(base), val_fraction, split_seed)
+    if split == "val" and not val:
+        raise DataError(f"the val split of {name} is empty (data.val_fraction={val_fraction}); "
+                        "set data.val_fraction > 0")
+    return DataSplit(base, train if split == "train" else val, on_corrupt=on_corrupt, split=split)
+
+
+def stats_for(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization of a run: ``data.mean``/``data.std`` if set (``data.stats=compute`` stores
+    them there), ImageNet's for ``data.stats=imagenet``, else the data set's usual one."""
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return tuple(cfg.data.mean), tuple(cfg.data.std)
+    name = "folder" if getattr(cfg.data, "stats", "dataset") == "imagenet" else cfg.data.name
+    return dataset_stats(name, cfg.model.in_chans)
 
 
 def dataset_from_config(cfg, split: str, transform=None) -> DataSplit:
@@ -135,7 +225,6 @@ def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -
     Fills ``data.mean``/``data.std`` for ``data.stats=compute`` and fits the batch
     (:func:`fit_batch`), both in ``cfg``: call it before the config is saved.
     """
-    from . import stats_for
     from .transforms import pretrain_transform
 
     d = cfg.data
@@ -159,111 +248,3 @@ def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -
 # --------------------------------------------------------------------------------------------
 # Start-up summary
 # --------------------------------------------------------------------------------------------
-
-
-def _survey(ds: DataSplit, k: int = 200) -> dict:
-    """Sizes and modes of a seeded sample of a folder's images (headers only, no decoding)."""
-    from PIL import Image
-
-    base = ds.base
-    if not isinstance(base, ImageFolderDataset):
-        return {}
-    picked = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:k].tolist()
-    sizes, modes, bad = [], Counter(), 0
-    for i in picked:
-        try:
-            with Image.open(base.samples[ds.indices[i]][0]) as im:
-                sizes.append(im.size)
-                modes[im.mode] += 1
-        except Exception:  # unreadable header: counted, reported, handled by data.on_corrupt
-            bad += 1
-    return {"sizes": sizes, "modes": modes, "bad": bad, "checked": len(picked)}
-
-
-def _fmt_time(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def _method_factor(cfg) -> float:
-    """Rough cost of a method's step relative to MAE's: EMAE encodes K parts, RC-MAE adds a
-    teacher forward (about a third of a forward + backward)."""
-    from mimkit.config import method_parts
-
-    parts = method_parts(cfg.method)
-    factor = float(cfg.emae.num_parts or round(1 / (1 - cfg.mask_ratio))) if "emae" in parts else 1.0
-    return factor + (1 / 3 if "rcmae" in parts else 0.0)
-
-
-@torch.no_grad()
-def _seconds_per_step(objective, cfg, device: torch.device) -> float:
-    """One timed forward of a copy of the (MAE) model on random inputs, x3 for the backward pass
-    (a rule of thumb), scaled to the batch, accumulation and method. The objective itself is
-    not called and RNG states are restored, so the run is unaffected."""
-    from mimkit.engine.trainer import autocast_for
-
-    t, b = cfg.train, min(cfg.train.batch_size, 8)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = copy.deepcopy(objective.eval_model()).eval()
-        imgs = torch.randn(b, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device)
-        noise = torch.rand(b, num_patches_of(cfg), device=device)
-        with autocast_for(t.amp, device):
-            probe(imgs, noise=noise)  # warm-up (allocations, kernels)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            probe(imgs, noise=noise)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        del probe
-    return 3 * elapsed * t.batch_size / b * t.accum_iter * _method_factor(cfg)
-
-
-def log_run_summary(cfg, dataset, objective, device: torch.device, world_size: int, steps_per_epoch: int,
-                    total_steps: int, start_step: int = 0, estimate: bool = True) -> dict:
-    """Log what the run is about to do: images found and skipped, sizes, channels, model, steps,
-    device and an estimated time. Returns the numbers (for tests and callers)."""
-    ds = dataset.dataset if isinstance(dataset, SeededDataset) else dataset
-    d, m, t = cfg.data, cfg.model, cfg.train
-    info: dict = {"images": len(ds), "split": "train", "classes": getattr(ds, "num_classes", 0)}
-    lines = []
-    source = d.root or d.name
-    held = val_fraction(cfg)
-    lines.append(f"data: {d.name} {source}: {len(ds)} training images"
-                 + (f" ({held:.0%} held out as val, data.split_seed={d.split_seed})" if held else "")
-                 + (f", {info['classes']} classes" if info["classes"] else ", unlabeled"))
-    skipped = list(getattr(ds, "skipped_files", []) or [])
-    info["skipped_files"] = len(skipped)
-    survey = _survey(ds) if isinstance(ds, DataSplit) else {}
-    if skipped:
-        exts = Counter(p.suffix.lower() or p.name for p in skipped)
-        lines.append(f"skipped: {len(skipped)} files that are not images ("
-                     + ", ".join(f"{k} x{v}" for k, v in exts.most_common(5)) + ")")
-    if survey:
-        ws, hs = zip(*survey["sizes"], strict=True) if survey["sizes"] else ((0,), (0,))
-        info.update(unreadable_in_sample=survey["bad"], modes=dict(survey["modes"]))
-        lines.append(f"images (sample of {survey['checked']}): {min(ws)}-{max(ws)} x {min(hs)}-{max(hs)} px, "
-                     f"median {int(np.median(ws))}x{int(np.median(hs))}; modes "
-                     + ", ".join(f"{k} {v}" for k, v in survey["modes"].most_common())
-                     + (f"; {survey['bad']} unreadable (data.on_corrupt={d.on_corrupt})" if survey["bad"] else ""))
-    mean, std = (d.mean, d.std) if d.mean is not None else ("usual", "")
-    lines.append(f"input: {m.img_size}x{m.img_size} px, {m.in_chans} channel{'s' if m.in_chans > 1 else ''} "
-                 f"({'RGB' if m.in_chans == 3 else 'gray'}), normalised with data.stats={d.stats}"
-                 + (f" mean {mean} std {std}" if d.mean is not None else ""))
-    params = sum(p.numel() for p in objective.parameters())
-    lines.append(f"model: {cfg.method} {m.arch} patch {m.patch_size or '(arch)'}, {params / 1e6:.1f} M parameters")
-    remaining = max(total_steps - start_step, 0)
-    lines.append(f"steps: {remaining} of {total_steps} ({steps_per_epoch} per epoch = {len(ds)} // "
-                 f"(batch {t.batch_size} x {world_size} processes x accum {t.accum_iter})), device {device}")
-    info.update(total_steps=total_steps, steps_per_epoch=steps_per_epoch, device=str(device), params=params)
-    if estimate and remaining:
-        sec = _seconds_per_step(objective, cfg, device)
-        info["estimated_s"] = sec * remaining
-        lines.append(f"estimated time: ~{_fmt_time(sec * remaining)} ({sec:.2f} s/step, from one timed "
-                     "forward pass; rough, data loading not included)")
-    for line in lines:
-        log.info("%s", line)
-    return info
-

@@ -13,7 +13,6 @@ test split. Library calls never download anything: ``mimkit data fetch NAME`` do
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
@@ -29,9 +28,11 @@ from torch.utils.data import Dataset
 
 from mimkit.errors import DataError
 
+from .fetch import fetch_command, is_present, unpack_local
+from .sources import DATASET_NAMES, TORCHVISION, cache_dir, canonical_name, data_root  # noqa: F401 (re-exported)
+
 logger = logging.getLogger("mimkit")
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "shards", "synthetic")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -71,15 +72,6 @@ class CorruptImageError(DataError):
 # --------------------------------------------------------------------------------------------
 
 
-def _canonical_name(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    if key not in DATASET_NAMES:
-        close = difflib.get_close_matches(key, DATASET_NAMES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise DataError(f"data.name: unknown data set {name!r}; valid names are {', '.join(DATASET_NAMES)}.{hint}")
-    return key
-
-
 def _check_split(split: str) -> str:
     """A source split: ``train`` or ``test`` (``val`` is carved from ``train`` by build_dataset)."""
     if split not in ("train", "test"):
@@ -107,15 +99,10 @@ def dataset_stats(
     Native channel count by default; pass ``in_chans`` to get statistics matching a channel
     conversion (gray repeated to RGB, or RGB averaged to gray).
     """
-    mean, std = _STATS[_canonical_name(name)]
+    mean, std = _STATS[canonical_name(name)]
     if in_chans is not None:
         mean, std = _match_channels(mean, in_chans), _match_channels(std, in_chans)
     return mean, std
-
-
-def cache_dir() -> Path:
-    """Data cache and default ``data.root``: ``$MIMKIT_CACHE`` or ``~/.cache/mimkit``."""
-    return Path(os.environ.get("MIMKIT_CACHE") or Path.home() / ".cache" / "mimkit").expanduser()
 
 
 def dataset_labels_of(ds: Dataset) -> np.ndarray:
@@ -130,25 +117,10 @@ def dataset_labels_of(ds: Dataset) -> np.ndarray:
 # torchvision data sets: Fashion-MNIST, MNIST, CIFAR-10/100 (files from `mimkit data fetch`)
 # --------------------------------------------------------------------------------------------
 
-_TORCHVISION = {  # name -> (torchvision class, channels)
-    "fashion_mnist": ("FashionMNIST", 1),
-    "mnist": ("MNIST", 1),
-    "cifar10": ("CIFAR10", 3),
-    "cifar100": ("CIFAR100", 3),
-}
-
-
-def data_root(name: str, root: str | os.PathLike | None) -> Path:
-    """Where torchvision looks for ``name``: ``root`` or :func:`cache_dir` (the fetch default)."""
-    return Path(root).expanduser().absolute() if root else cache_dir()
-
-
-def _load_torchvision(name: str, root: str | None, split: str, transform: Transform) -> Dataset:
+def load_torchvision(name: str, root: str | None, split: str, transform: Transform) -> Dataset:
     import torchvision.datasets as tvd
 
-    from .fetch import fetch_command, is_present, unpack_local
-
-    cls_name, in_chans = _TORCHVISION[name]
+    cls_name, in_chans = TORCHVISION[name]
     folder = data_root(name, root)
     if not is_present(name, folder):
         # A local gzip copy needs no network: in data.root, or (default root) the cache or Debian's folder.
@@ -406,78 +378,6 @@ class DataSplit(Dataset):
                 logger.warning("data.on_corrupt=skip: skipping %s", e.what)
                 self._bad.add(j)
         raise DataError(f"all {n} images of the {self.split} split are unreadable")
-
-
-def _base_dataset(key: str, root: str | None, source: str, transform: Transform, *, img_size: int,
-                  in_chans: int, seed: int, synthetic_size: int) -> Dataset | None:
-    """The source split ``source`` ("train"/"test") of data set ``key``; None if it has none."""
-    if key in _TORCHVISION:
-        return _load_torchvision(key, root, source, transform)
-    if key == "folder":
-        if root is None:
-            raise DataError("data.root: the 'folder' data set needs data.root=<folder of images>")
-        if source == "test" and split_folder(Path(root).expanduser().absolute(), "test") is None:
-            return None
-        return ImageFolderDataset(root, source, transform, in_chans=in_chans)
-    if key == "shards":
-        from .shards import ShardDataset, has_split
-
-        if root is None:
-            raise DataError("data.root: the 'shards' data set needs data.root=<folder written by mimkit make-shards>")
-        if source == "test" and not has_split(root, "test"):
-            return None
-        return ShardDataset(root, source, transform, in_chans=in_chans)
-    return SyntheticDataset(synthetic_size, img_size, in_chans, seed, source, transform)
-
-
-_warned_no_test: set[str] = set()
-
-
-def build_dataset(
-    name: str,
-    root: str | None,
-    split: str,
-    transform: Transform = None,
-    *,
-    on_corrupt: str = "error",
-    val_fraction: float = 0.0,
-    split_seed: int = 0,
-    synthetic_size: int = 512,
-    img_size: int = 32,
-    in_chans: int = 3,
-    seed: int = 0,
-) -> DataSplit:
-    """Split ``split`` ("train" | "val" | "test") of one of ``DATASET_NAMES``.
-
-    ``train``/``val`` partition the source's training images (:func:`split_indices` with
-    ``val_fraction`` and ``split_seed``); ``test`` is the source's test split. A source with
-    no test split (a folder without ``test/``, shards without ``test/``) evaluates on ``val``
-    instead, with a warning. ``on_corrupt`` applies to folders and shards; ``synthetic_size``,
-    ``img_size`` and ``seed`` to "synthetic"; ``in_chans`` to folders, shards and "synthetic"
-    (the torchvision data sets keep their native channels).
-    """
-    key = _canonical_name(name)
-    if split not in SPLITS:
-        raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    kw = dict(img_size=img_size, in_chans=in_chans, seed=seed, synthetic_size=synthetic_size)
-    if split == "test":
-        base = _base_dataset(key, root, "test", transform, **kw)
-        if base is not None:
-            return DataSplit(base, on_corrupt=on_corrupt, split="test")
-        if val_fraction <= 0:
-            raise DataError(f"data.root: {root} has no test split and data.val_fraction is 0, so nothing is "
-                            "held out for evaluation; add a test/ folder beside train/, or set data.val_fraction=0.1")
-        if str(root) not in _warned_no_test:
-            _warned_no_test.add(str(root))
-            logger.warning("%s has no test split; evaluating on the held-out val split (data.val_fraction=%g)",
-                           root, val_fraction)
-        split = "val"
-    base = _base_dataset(key, root, "train", transform, **kw)
-    train, val = split_indices(len(base), val_fraction, split_seed)
-    if split == "val" and not val:
-        raise DataError(f"the val split of {name} is empty (data.val_fraction={val_fraction}); "
-                        "set data.val_fraction > 0")
-    return DataSplit(base, train if split == "train" else val, on_corrupt=on_corrupt, split=split)
 
 
 class SeededDataset(Dataset):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mimkit.errors import DataError
 
-from .datasets import _TORCHVISION, _canonical_name, cache_dir, data_root
+from .sources import TORCHVISION, cache_dir, canonical_name, data_root
 
 logger = logging.getLogger("mimkit")
 
@@ -33,7 +33,7 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 _IDX_SUBDIR = {"fashion_mnist": "fashion-mnist", "mnist": "mnist"}  # folder of a gzip copy
 _CIFAR_FOLDER = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _DEBIAN = {"fashion_mnist": ("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist")}
-FETCHABLE = tuple(_TORCHVISION)
+FETCHABLE = tuple(TORCHVISION)
 
 
 def fetch_command(name: str, root: str | os.PathLike | None = None) -> str:
@@ -42,7 +42,7 @@ def fetch_command(name: str, root: str | os.PathLike | None = None) -> str:
 
 
 def _raw_folder(name: str, folder: Path) -> Path:
-    return folder / _TORCHVISION[name][0] / "raw"
+    return folder / TORCHVISION[name][0] / "raw"
 
 
 def is_present(name: str, folder: Path) -> bool:
@@ -92,7 +92,7 @@ def unpack_local(name: str, folder: Path, elsewhere: bool = True) -> bool:
 def _torchvision_download(name: str, folder: Path) -> None:
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, _TORCHVISION[name][0])
+    cls = getattr(tvd, TORCHVISION[name][0])
     for train in (True, False):
         cls(str(folder), train=train, download=True)
 
@@ -124,8 +124,8 @@ def fetch(name: str, root: str | os.PathLike | None = None, *, apt_update: bool 
     ``download=False`` only uses local copies. ``apt_update`` lets the Debian route run
     ``apt-get update`` once when ``apt-get download`` fails (needs root).
     """
-    name = _canonical_name(name)
-    if name not in _TORCHVISION:
+    name = canonical_name(name)
+    if name not in TORCHVISION:
         raise DataError(f"mimkit data fetch: {name!r} is not fetched; choose from {', '.join(FETCHABLE)} "
                         "(folders and shards are your own files; synthetic data needs no files)")
     folder = data_root(name, root)

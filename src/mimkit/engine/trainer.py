@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, config_yaml, to_dict
-from mimkit.data.build import WithNoise, log_run_summary, pretrain_dataset  # noqa: F401 (WithNoise: re-export)
+from mimkit.data.build import WithNoise, pretrain_dataset  # noqa: F401 (WithNoise: re-export)
 from mimkit.data.sampler import ShardedEpochSampler
 from mimkit.engine import parallel
 from mimkit.engine.checkpoint import (
@@ -38,6 +38,7 @@ from mimkit.engine.logging import MetricLogger, setup_logging
 from mimkit.engine.precision import adamw_kernel, autocast_for, grad_scaler_for  # noqa: F401 (re-exported)
 from mimkit.engine.rundir import RunLock, check_resume_compatible
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
+from mimkit.engine.summary import log_run_summary
 from mimkit.errors import DataError, MimkitError, RunError
 from mimkit.eval.knn import knn_monitor
 from mimkit.models import model_from_config

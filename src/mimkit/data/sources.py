@@ -1,0 +1,40 @@
+"""Where the data sets live: their names, the torchvision classes behind them, the cache folder."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from mimkit.errors import DataError
+
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "shards", "synthetic")
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key not in DATASET_NAMES:
+        close = difflib.get_close_matches(key, DATASET_NAMES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"data.name: unknown data set {name!r}; valid names are {', '.join(DATASET_NAMES)}.{hint}")
+    return key
+
+
+def cache_dir() -> Path:
+    """Data cache and default ``data.root``: ``$MIMKIT_CACHE`` or ``~/.cache/mimkit``."""
+    return Path(os.environ.get("MIMKIT_CACHE") or Path.home() / ".cache" / "mimkit").expanduser()
+
+
+TORCHVISION = {  # name -> (torchvision class, channels)
+    "fashion_mnist": ("FashionMNIST", 1),
+    "mnist": ("MNIST", 1),
+    "cifar10": ("CIFAR10", 3),
+    "cifar100": ("CIFAR100", 3),
+}
+
+
+def data_root(name: str, root: str | os.PathLike | None) -> Path:
+    """Where torchvision looks for ``name``: ``root`` or :func:`cache_dir` (the fetch default)."""
+    return Path(root).expanduser().absolute() if root else cache_dir()
+
+
