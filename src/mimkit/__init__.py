@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["Run", "__version__", "evaluate", "load_encoder", "load_model", "pretrain"]
-_LAZY = {"pretrain": "mimkit.api", "evaluate": "mimkit.api", "Run": "mimkit.api"}
+__all__ = ["Run", "__version__", "evaluate", "load_encoder", "load_model", "pretrain", "use_dataset"]
+_LAZY = {"pretrain": "mimkit.api", "evaluate": "mimkit.api", "Run": "mimkit.api", "use_dataset": "mimkit.api"}
 
 if TYPE_CHECKING:
     from mimkit.api import Run, evaluate, pretrain

@@ -85,17 +85,34 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
     return list(walk(overrides_to_dict(overrides), ""))
 
 
+def use_dataset(dataset: Any, name: str = "dataset") -> dict[str, Any]:
+    """Hand a map-style data set to mimkit under ``name``; returns the overrides that select it
+    (``data.name=python``, ``data.root=name``). Items are images (PIL, CHW tensors, HWC arrays)
+    or ``(image, label)`` pairs; a seeded ``data.val_fraction`` of them is held out for
+    reconstructions and evaluation."""
+    from mimkit.data.sources import IN_PROCESS
+
+    IN_PROCESS[name] = dataset
+    return {"data": {"name": "python", "root": name}}
+
+
 def pretrain(config_or_preset: Config | str | Path | None, out: str | Path, resume: bool = False,
-             **overrides: Any) -> Run:
+             dataset: Any = None, **overrides: Any) -> Run:
     """Pre-train into the folder ``out`` and return the :class:`Run`.
 
     ``config_or_preset``: a :class:`~mimkit.config.Config`, a preset name (``mimkit config
     show --config NAME`` prints one) or a YAML file. ``resume=True`` continues the run in ``out``
     with its saved config (pass ``None`` for ``config_or_preset``; ``overrides`` still apply, e.g.
-    a larger ``train__max_steps``). Keyword overrides: see the module docstring.
+    a larger ``train__max_steps``). ``dataset``: your own map-style data set instead of
+    ``data.name`` (see :func:`use_dataset`; hand it again to resume). Keyword overrides: see
+    the module docstring.
     """
     from mimkit.engine.trainer import pretrain as train
 
+    if dataset is not None:
+        selected = use_dataset(dataset)
+        if not resume:
+            overrides = {**overrides, "data": {**overrides.get("data", {}), **selected["data"]}}
     if config_or_preset is None and not resume:
         raise ConfigError("mimkit.pretrain needs a Config, a preset name or a YAML file "
                           "(or resume=True to continue the run in out)")

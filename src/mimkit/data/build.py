@@ -22,6 +22,7 @@ from .datasets import (
     SPLITS,
     DataSplit,
     ImageFolderDataset,
+    InMemoryDataset,
     SeededDataset,
     SyntheticDataset,
     Transform,
@@ -31,7 +32,7 @@ from .datasets import (
     split_indices,
 )
 from .shards import ShardDataset, has_split
-from .sources import TORCHVISION, canonical_name
+from .sources import IN_PROCESS, TORCHVISION, canonical_name
 
 log = logging.getLogger("mimkit")
 
@@ -58,9 +59,8 @@ def has_test_split(name: str, root: str | None) -> bool:
         return root is not None and Path(root).expanduser().is_dir() and \
             split_folder(Path(root).expanduser().absolute(), "test") is not None
     if key == "shards":
-
         return root is not None and has_split(root, "test")
-    return True
+    return key != "python"
 
 
 def val_fraction(cfg) -> float:
@@ -75,6 +75,11 @@ def _base_dataset(key: str, root: str | None, source: str, transform: Transform,
     """The source split ``source`` ("train"/"test") of data set ``key``; None if it has none."""
     if key in TORCHVISION:
         return load_torchvision(key, root, source, transform)
+    if key == "python":
+        if root not in IN_PROCESS:
+            raise DataError(f"data.name=python: no data set named {root!r} was handed over in this process; "
+                            "pass it again: mimkit.pretrain(..., dataset=ds) or mimkit.evaluate(..., dataset=ds)")
+        return None if source == "test" else InMemoryDataset(IN_PROCESS[root], transform, in_chans)
     if key == "folder":
         if root is None:
             raise DataError("data.root: the 'folder' data set needs data.root=<folder of images>")

@@ -46,6 +46,7 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "folder": (IMAGENET_MEAN, IMAGENET_STD),
     "shards": (IMAGENET_MEAN, IMAGENET_STD),
     "synthetic": (IMAGENET_MEAN, IMAGENET_STD),
+    "python": (IMAGENET_MEAN, IMAGENET_STD),  # data.stats=compute measures your data instead
 }
 
 Transform = Callable[[Image.Image], Any] | None
@@ -245,6 +246,46 @@ def _scan_top(folder: Path) -> tuple[list[Path], list[Path]]:
 # --------------------------------------------------------------------------------------------
 # Synthetic data
 # --------------------------------------------------------------------------------------------
+
+
+class InMemoryDataset(Dataset):
+    """A map-style data set handed over in Python: each item is an image (PIL, a CHW tensor, an HWC
+    array) or ``(image, label)``. Images become PIL in ``in_chans`` channels, then ``transform``."""
+
+    def __init__(self, data: Dataset, transform: Transform = None, in_chans: int = 3) -> None:
+        self.data, self.transform, self.in_chans = data, transform, in_chans
+        self._labels: np.ndarray | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """One label per item (-1 where an item is a bare image), read once."""
+        if self._labels is None:
+            items = (self.data[i] for i in range(len(self.data)))
+            self._labels = np.asarray([int(it[1]) if isinstance(it, tuple | list) else -1 for it in items],
+                                      dtype=np.int64)
+        return self._labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) and self.labels.min() >= 0 else 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.data[index]
+        img, label = (item[0], int(item[1])) if isinstance(item, tuple | list) else (item, -1)
+        if isinstance(img, torch.Tensor):
+            from torchvision.transforms.functional import to_pil_image
+
+            img = to_pil_image(img)
+        elif isinstance(img, np.ndarray):
+            img = Image.fromarray(img)
+        if not isinstance(img, Image.Image):
+            raise DataError(f"item {index} of the data set given in Python is a {type(img).__name__}; "
+                            "give PIL images, CHW tensors or HWC arrays (or (image, label) pairs)")
+        img = img.convert("L" if self.in_chans == 1 else "RGB")
+        return (self.transform(img) if self.transform is not None else img), label
 
 
 class SyntheticDataset(Dataset):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Any
 
 from mimkit.errors import DataError
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "shards", "synthetic")
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "shards", "synthetic", "python")
+
+# data.name=python: data sets handed over in Python (``mimkit.pretrain(..., dataset=ds)``), by the
+# name in data.root. They live only in this process, so a resume or an evaluation hands them again.
+IN_PROCESS: dict[str, Any] = {}
 
 
 def canonical_name(name: str) -> str:
