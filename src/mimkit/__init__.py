@@ -49,7 +49,7 @@ def load_model(path: str | Path, weights: str = "auto", **overrides):
 def load_encoder(path: str | Path, weights: str = "auto", **overrides):
     """The encoder of any file :func:`load_model` reads, as a ``timm`` ``VisionTransformer``.
 
-    Defaults follow MAE fine-tuning (METHODS §1): ``global_pool='avg'`` with a fresh ``fc_norm``
+    Defaults follow MAE fine-tuning (docs/methods/mae.md): ``global_pool='avg'`` with a fresh ``fc_norm``
     (the pre-trained per-token ``norm`` is dropped, as in the official code) and
     ``num_classes=0``; a head (``num_classes=N``) is initialised trunc-normal(std 2e-5).
     ``global_pool='token'`` keeps ``norm`` and gives exactly the MAE encoder's features.

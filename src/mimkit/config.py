@@ -133,7 +133,7 @@ class MixedAEConfig:
 
 @dataclass
 class LinprobeConfig:
-    """Linear probe (MAE protocol, METHODS §1); defaults suit small data sets on a CPU."""
+    """Linear probe (MAE protocol, docs/methods/mae.md); defaults suit small data sets on a CPU."""
 
     epochs: int = 90
     batch_size: int = 256  # per step; the effective batch is batch_size * accum_iter
@@ -152,7 +152,7 @@ class LinprobeConfig:
 
 @dataclass
 class FinetuneConfig:
-    """End-to-end fine-tuning (MAE protocol, METHODS §1); defaults suit small images on a CPU."""
+    """End-to-end fine-tuning (MAE protocol, docs/methods/mae.md); defaults suit small images on a CPU."""
 
     epochs: int = 50
     max_steps: int | None = None  # total optimizer steps; replaces epochs when set

@@ -98,7 +98,7 @@ mask ratio {cfg.mask_ratio}, norm-pix loss {cfg.norm_pix_loss}) for {metrics[-1]
 | hardware | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device} |
 
 k-NN bank: {knn_pre['bank_size']} training images; queries: the {knn_pre['test_size']} test images.
-MAE features are known to be weak under k-NN (METHODS §6): judge them by fine-tuning too.
+MAE features are known to be weak under k-NN (docs/evaluation.md): judge them by fine-tuning too.
 
 ## Loss
 

@@ -1,4 +1,4 @@
-"""Masks as data: noise in, index tensors out (METHODS §0, §2, §4).
+"""Masks as data: noise in, index tensors out (docs/methods/mae.md, emae.md, mixedae.md).
 
 Every function here is pure: the same ``noise`` gives the same masks, which is what makes
 training reproducible, resume exact, and the variants (EMAE parts, MixedAE mixing) cheap.
@@ -130,7 +130,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def mirror_masks(masks: Masks) -> Masks:
     """The masks that ``noise.flip(1)`` would have given: patch n ↔ patch L-1-n.
 
-    RC-MAE's "different mask" option (METHODS §3) derives the teacher's mask from the student's
+    RC-MAE's "different mask" option (docs/methods/rcmae.md) derives the teacher's mask from the student's
     noise this way, so it stays a pure function of the data-pipeline noise (exact resume) and
     works for any masks a base method produced (random, EMAE parts, MixedAE sources). On the
     patch grid it is the student's mask rotated by 180°.
@@ -140,7 +140,7 @@ def mirror_masks(masks: Masks) -> Masks:
 
 
 def mixing_masks(noise: torch.Tensor, ways: int, num_parts: int) -> Masks:
-    """Per-image masks of an r-way mixing plan (MixedAE, METHODS §4), stacked for the batch.
+    """Per-image masks of an r-way mixing plan (MixedAE, docs/methods/mixedae.md), stacked for the batch.
 
     The batch is read as ``B/r`` groups of ``r`` consecutive images (the sampler already
     shuffled it). Group g's partition comes from the noise of its first image; image slot s

@@ -1,4 +1,4 @@
-"""The speed-ups in the model keep the official MAE values (METHODS §0)."""
+"""The speed-ups in the model keep the official MAE values (docs/methods/mae.md)."""
 
 import torch
 

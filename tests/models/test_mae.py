@@ -43,7 +43,7 @@ def test_norm_pix_loss_unbiased_on_masked_patches_only(tiny_model):
     imgs = torch.randn(3, 1, 16, 16)
     noise = torch.rand(3, 16)
     out = tiny_model(imgs, noise=noise)
-    # reference computed independently from the METHODS §0 formula
+    # reference computed independently from the docs/methods/mae.md formula
     t = tiny_model.patchify(imgs)
     mean = t.mean(-1, keepdim=True)
     var = ((t - mean) ** 2).sum(-1, keepdim=True) / (t.shape[-1] - 1)  # unbiased

@@ -1,4 +1,4 @@
-"""Composition (METHODS §5): presets from config, combinations, and learning on synthetic data."""
+"""Composition (docs/methods/README.md): presets from config, combinations, and learning on synthetic data."""
 
 import dataclasses
 import inspect

@@ -1,4 +1,4 @@
-"""EMAE: stacked vs sequential parts, self-consistency, reduction to MAE (METHODS §2)."""
+"""EMAE: stacked vs sequential parts, self-consistency, reduction to MAE (docs/methods/emae.md)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""MixedAE (METHODS §4): top-k homologous attention, oracle mask, un-mixing, contrastive loss."""
+"""MixedAE (docs/methods/mixedae.md): top-k homologous attention, oracle mask, un-mixing, contrastive loss."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""EMA teacher (RC-MAE, METHODS §3): no gradients, exact EMA, schedules, composition."""
+"""EMA teacher (RC-MAE, docs/methods/rcmae.md): no gradients, exact EMA, schedules, composition."""
 
 import math
 

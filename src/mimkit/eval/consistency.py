@@ -1,6 +1,6 @@
 """Prediction consistency: how much an MAE's prediction of a patch depends on the mask.
 
-EMAE's self-consistency loss (METHODS §2) targets exactly this: the same masked patch predicted
+EMAE's self-consistency loss (docs/methods/emae.md) targets exactly this: the same masked patch predicted
 from different visible sets should agree. The metric runs the model with ``num_masks``
 independent random masks and, on every patch masked in at least two rounds, measures the
 spread of its predictions across those rounds, in the model's target space (norm-pix or raw).

@@ -1,10 +1,10 @@
-"""End-to-end fine-tuning, MAE protocol (METHODS §1), on timm's ``VisionTransformer``.
+"""End-to-end fine-tuning, MAE protocol (docs/methods/mae.md), on timm's ``VisionTransformer``.
 
 The MAE encoder becomes ``VisionTransformer(global_pool='avg', fc_norm=True, class_token=True)``
 (:func:`mimkit.load_encoder`), head trunc-normal(std 2e-5). AdamW with layer-wise lr decay from
 ``timm.optim.create_optimizer_v2(layer_decay=...)`` — timm's ViT ``group_matcher`` gives layer id
 0 to patch_embed/cls_token/pos_embed, i+1 to block i and depth+1 to fc_norm/head, scale
-``decay^(depth+1-id)`` as METHODS §1 — drop-path, label smoothing, timm ``Mixup``/CutMix,
+``decay^(depth+1-id)`` as docs/methods/mae.md — drop-path, label smoothing, timm ``Mixup``/CutMix,
 ``timm.data.create_transform`` augmentation (RandAugment and random erasing where configured),
 warm-up + cosine per iteration, bf16 autocast on GPU.
 

@@ -1,4 +1,4 @@
-"""Weighted cosine k-NN on frozen features (k=20, T=0.07 by default; METHODS §1).
+"""Weighted cosine k-NN on frozen features (k=20, T=0.07 by default; docs/methods/mae.md).
 
 ``encoder`` is anything with ``forward_features(imgs) -> (B, 1+L, D)`` tokens after the final
 norm: a :class:`~mimkit.models.mae.MaskedAutoencoderViT`, or a timm ``VisionTransformer`` with

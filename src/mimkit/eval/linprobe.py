@@ -1,4 +1,4 @@
-"""Linear probe, MAE protocol (METHODS §1): frozen encoder, BatchNorm(affine=False) + Linear head.
+"""Linear probe, MAE protocol (docs/methods/mae.md): frozen encoder, BatchNorm(affine=False) + Linear head.
 
 Two ways to feed the head:
 

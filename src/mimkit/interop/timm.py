@@ -2,7 +2,7 @@
 
 The MAE encoder already uses timm's names (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
 ``blocks.N.*``, ``norm``), so its state dict loads into a timm ViT with ``class_token=True`` and
-``global_pool='token'`` under ``strict=True``. For fine-tuning (METHODS §1) the ViT uses
+``global_pool='token'`` under ``strict=True``. For fine-tuning (docs/methods/mae.md) the ViT uses
 ``global_pool='avg'`` with ``fc_norm``: timm then has no per-token ``norm``, so the pre-trained
 ``norm`` is dropped and ``fc_norm`` starts fresh, as the official MAE fine-tuning code does.
 """

@@ -1,4 +1,4 @@
-"""The MAE model: encoder, decoder, loss — official-MAE state-dict names (METHODS §0)."""
+"""The MAE model: encoder, decoder, loss — official-MAE state-dict names (docs/methods/mae.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ViT building blocks shared by every method: patches, sin-cos tables, timm blocks (METHODS §0)."""
+"""ViT building blocks shared by every method: patches, sin-cos tables, timm blocks (docs/methods/mae.md)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The contract the trainer relies on: an objective is an ``nn.Module`` with
 from ``noise`` (no global RNG: exact resume); ``after_step(progress)`` after each optimizer
 step; ``eval_model()``; ``model`` (the student) and, if any, a frozen ``teacher``.
 
-Methods are presets of independent axes (METHODS §5):
+Methods are presets of independent axes (docs/methods/README.md):
 
 =========  ==================  ==========  ===========  ===============================
 method     masking             mixing      teacher      auxiliary loss

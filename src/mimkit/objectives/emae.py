@@ -1,4 +1,4 @@
-"""EMAE: K parallel masks per image plus a self-consistency loss (METHODS §2).
+"""EMAE: K parallel masks per image plus a self-consistency loss (docs/methods/emae.md).
 
 The image's patches are split into K = 1/(1-mask_ratio) disjoint visible sets (one
 permutation per image, :func:`~mimkit.masking.partition_masking`); every part is an MAE
@@ -34,7 +34,7 @@ def sc_distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
 
 def self_consistency(preds: list[torch.Tensor], masks: list[torch.Tensor], distance: str = "mse",
                      target: str = "other") -> torch.Tensor:
-    """EMAE self-consistency (METHODS §2 [choice]) on patches masked in more than one part.
+    """EMAE self-consistency (a [choice] of docs/methods/emae.md) on patches masked in more than one part.
 
     ``target='other'``: for each ordered pair i≠j, ``distance(pred_i, sg(pred_j))`` averaged over
     the patches masked in both, then over the pairs that share at least one such patch.
@@ -75,7 +75,7 @@ class EMAE(nn.Module):
     encoder and decoder once. ``sequential=True`` runs them one after another, each under
     activation checkpointing, so that the backward pass also handles one part at a time: peak
     activation memory is that of one part, at the price of re-running each forward once in
-    backward. Losses and gradients are the same in both modes (METHODS §2 [choice]).
+    backward. Losses and gradients are the same in both modes (a [choice] of docs/methods/emae.md).
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class EMAE(nn.Module):
             stacked = stack_masks(parts)
             preds = list(self._predict(tokens.repeat(self.num_parts, 1, 1), stacked).split(batch))
         target = self.model.target(imgs)
-        # Reconstruction: the MAE loss of each part, averaged over parts (METHODS §2).
+        # Reconstruction: the MAE loss of each part, averaged over parts (docs/methods/emae.md).
         per_part = [masked_mean((p - target) ** 2, m.mask) for p, m in zip(preds, parts, strict=True)]
         loss_rec = torch.stack(per_part).mean()
         loss_sc = self_consistency(preds, [m.mask for m in parts], self.sc_distance, self.sc_target)
