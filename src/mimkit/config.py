@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,13 +22,41 @@ log = logging.getLogger("mimkit")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+# Allowed values, spelled once: the config coercion checks them (with "did you mean"), and the
+# modules that take them use these aliases and :func:`choices`.
+OnCorrupt = Literal["error", "skip"]
+DataStats = Literal["dataset", "imagenet", "compute"]
+DecoderKind = Literal["self", "cross"]
+Amp = Literal["auto", "bf16", "fp16", "off"]
+Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["ddp", "fsdp"]
+Logger = Literal["tensorboard", "wandb", "mlflow"]
+ScDistance = Literal["mse", "l1", "smooth_l1"]
+ScTarget = Literal["other", "mean"]
+EmaSchedule = Literal["cosine", "constant"]
+TeacherMask = Literal["same", "different"]
+EvalWeights = Literal["teacher", "student"]
+SegmentEmbed = Literal["none", "decoder", "encoder"]
+Feature = Literal["cls", "mean", "both"]
+EvalSplit = Literal["test", "val"]
+ProbeOptimizer = Literal["sgd", "lars"]
+MixupMode = Literal["batch", "pair", "elem"]
+EraseMode = Literal["pixel", "rand", "const"]
+GlobalPool = Literal["avg", "token"]
+
+
+def choices(alias: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` alias allows."""
+    return typing.get_args(alias)
+
+
 class ConfigError(MimkitError, ValueError):
     """A config key or value that cannot be used."""
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_base_patch16"  # a name in mimkit.models.mae.ARCHS
+    arch: str = "vit_base_patch16"  # a name in mimkit.models.archs.ARCHS
     img_size: int = 224
     in_chans: int = 3
     patch_size: int | None = None  # None: the arch's value
@@ -46,14 +74,14 @@ class DecoderConfig:
     """How much the MAE decoder reconstructs (the architecture's sizes are ``model.decoder_*``)."""
 
     predict_ratio: float = 1.0  # share of the masked patches decoded and scored; 1: all (MAE)
-    kind: str = "self"  # self (MAE: self-attention over all tokens) | cross (CrossMAE: queries attend to visible)
+    kind: DecoderKind = "self"  # self (MAE: self-attention over all tokens) | cross (CrossMAE: queries see visible)
 
 
 @dataclass
 class DataConfig:
     name: str = "folder"  # folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
     root: str | None = None
-    stats: str = "dataset"  # dataset (its usual mean/std; ImageNet's for folders) | imagenet | compute
+    stats: DataStats = "dataset"  # dataset (its usual mean/std; ImageNet's for folders) | imagenet | compute
     mean: list[float] | None = None  # explicit normalization; data.stats=compute fills these in
     std: list[float] | None = None
     val_fraction: float | None = None  # held out of train as 'val'; None: 0 with a test split, else 0.1
@@ -62,7 +90,7 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     num_workers: int = 4
-    on_corrupt: str = "error"  # error | skip
+    on_corrupt: OnCorrupt = "error"  # error | skip
     synthetic_size: int = 512
     label_fraction: float = 1.0  # evaluation: seeded class-balanced subset of the training labels
 
@@ -81,17 +109,17 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float | None = None
     seed: int = 0
-    amp: str = "auto"  # auto (bf16 where supported, fp32 on CPU) | bf16 | fp16 | off
-    device: str = "auto"  # auto | cpu | cuda
+    amp: Amp = "auto"  # auto (bf16 where supported, fp32 on CPU) | bf16 | fp16 | off
+    device: Device = "auto"  # auto | cpu | cuda
     compile: bool = False
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards weights and optimizer state; under torchrun)
+    strategy: Strategy = "ddp"  # ddp | fsdp (FSDP2: shards weights and optimizer state; under torchrun)
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward: less memory
     checkpoint_every: int = 1000  # optimizer steps
     keep_checkpoints: int = 3
     log_every: int = 1
     vis_every: int = 0  # steps between reconstruction images (0: only at the end)
     knn_every: int = 0  # epochs between online k-NN monitors (0: off)
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | mlflow
+    loggers: list[Logger] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | mlflow
 
 
 @dataclass
@@ -99,8 +127,8 @@ class EMAEConfig:
     num_parts: int = 0  # parts run per step; 0: all K = 1/(1-mask_ratio)
     sc_weight: float = 1.0  # λ of the self-consistency loss
     sc_warmup: float = 0.0  # fraction of training over which λ rises linearly from 0 (0: off)
-    sc_distance: str = "mse"  # mse | l1 | smooth_l1
-    sc_target: str = "other"  # other | mean
+    sc_distance: ScDistance = "mse"  # mse | l1 | smooth_l1
+    sc_target: ScTarget = "other"  # other | mean
     sequential: bool = False  # run parts one after another to save memory
 
 
@@ -109,9 +137,9 @@ class TeacherConfig:
     weight: float = 1.0  # γ of the teacher-consistency loss
     momentum: float = 0.996
     momentum_end: float = 1.0
-    schedule: str = "cosine"  # cosine | constant
-    mask: str = "same"  # same | different
-    eval_weights: str = "teacher"  # teacher | student
+    schedule: EmaSchedule = "cosine"  # cosine | constant
+    mask: TeacherMask = "same"  # same | different
+    eval_weights: EvalWeights = "teacher"  # teacher | student
     # EMA window 1/(1-m) capped at this fraction of the run, so short runs forget the random
     # init (docs/methods/rcmae.md); 0: no cap, the paper's momentum at any run length
     max_window: float = 0.05
@@ -128,7 +156,7 @@ class MixedAEConfig:
     hc_temperature: float = 0.2
     hc_proj_dim: int = 128
     hc_prototype: bool = False
-    segment_embed: str = "none"  # none | decoder | encoder
+    segment_embed: SegmentEmbed = "none"  # none | decoder | encoder
 
 
 @dataclass
@@ -142,10 +170,10 @@ class LinprobeConfig:
     lr: float | None = None  # absolute lr; None: from blr
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
-    optimizer: str = "sgd"  # sgd (small data) | lars (the MAE recipe, large batches)
+    optimizer: ProbeOptimizer = "sgd"  # sgd (small data) | lars (the MAE recipe, large batches)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    feature: str = "cls"  # cls (token after the final norm, MAE) | mean | both
+    feature: Feature = "cls"  # cls (token after the final norm, MAE) | mean | both
     cached_features: bool = True  # extract once without augmentation; train the head on tensors
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # uncached only
 
@@ -170,25 +198,25 @@ class FinetuneConfig:
     cutmix: float = 0.0  # alpha; 0 disables
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"  # batch | pair | elem
+    mixup_mode: MixupMode = "batch"  # batch | pair | elem
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1; None: off (small images)
     color_jitter: float | None = None
     reprob: float = 0.25  # random erasing probability
-    remode: str = "pixel"
+    remode: EraseMode = "pixel"
     recount: int = 1
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     hflip: float = 0.5
-    global_pool: str = "avg"  # avg (+ fc_norm, MAE) | token
+    global_pool: GlobalPool = "avg"  # avg (+ fc_norm, MAE) | token
     clip_grad: float | None = None
     eval_every: int = 0  # epochs between test evaluations (0: only at the end)
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"  # test (published numbers) | val (choosing settings; carved from train)
+    split: EvalSplit = "test"  # test (published numbers) | val (choosing settings; carved from train)
     knn_k: int = 20
     knn_temperature: float = 0.07
-    feature: str = "cls"  # k-NN features: cls | mean | both
+    feature: Feature = "cls"  # k-NN features: cls | mean | both
     batch_size: int = 256  # feature extraction
     max_train_samples: int = 0  # k-NN bank cap; 0: all
     monitor_samples: int = 10000  # online k-NN monitor: cap on bank and queries (0: all)
@@ -211,28 +239,19 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "data.on_corrupt": ("error", "skip"),
-    "decoder.kind": ("self", "cross"),
-    "data.stats": ("dataset", "imagenet", "compute"),
-    "eval.split": ("test", "val"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.strategy": ("ddp", "fsdp"),
-    "emae.sc_distance": ("mse", "l1", "smooth_l1"),
-    "emae.sc_target": ("other", "mean"),
-    "teacher.schedule": ("cosine", "constant"),
-    "teacher.mask": ("same", "different"),
-    "teacher.eval_weights": ("teacher", "student"),
-    "mixedae.segment_embed": ("none", "decoder", "encoder"),
-    "eval.feature": ("cls", "mean", "both"),
-}
 METHOD_PARTS = ("mae", "emae", "rcmae", "mixedae")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against a dataclass field type (int, float, bool, str, list, Optional)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, allowed))}{hint}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -406,15 +425,10 @@ def method_parts(method: str) -> set[str]:
 
 def validate(cfg: Config) -> None:
     """Value checks that types cannot express; each error names its key."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
     method_parts(cfg.method)
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio: must be in (0, 1), got {cfg.mask_ratio}")
-    from mimkit.models.mae import ARCHS
+    from mimkit.models.archs import ARCHS
 
     if cfg.model.arch not in ARCHS:
         close = difflib.get_close_matches(cfg.model.arch, ARCHS, n=1)
@@ -440,9 +454,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs: must be >= 1, got {t.epochs}")
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise ConfigError(f"data.label_fraction: must be in (0, 1], got {cfg.data.label_fraction}")
-    for name in t.loggers:
-        if name not in ("tensorboard", "wandb", "mlflow"):
-            raise ConfigError(f"train.loggers: unknown logger '{name}'; choose from tensorboard, wandb, mlflow")
     vf = cfg.data.val_fraction
     if vf is not None and not 0.0 <= vf < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {vf}")
@@ -497,21 +508,9 @@ def _validate_methods(cfg: Config) -> None:
         )
 
 
-EVAL_CHOICES = {
-    "eval.linprobe.optimizer": ("sgd", "lars"),
-    "eval.linprobe.feature": ("cls", "mean", "both"),
-    "eval.finetune.mixup_mode": ("batch", "pair", "elem"),
-    "eval.finetune.remode": ("pixel", "rand", "const"),
-    "eval.finetune.global_pool": ("avg", "token"),
-}
 
 
 def _validate_eval(e: EvalConfig) -> None:
-    for key, allowed in EVAL_CHOICES.items():
-        _, section, name = key.split(".")
-        value = getattr(getattr(e, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
     positive = {"eval.batch_size": e.batch_size, "eval.knn_k": e.knn_k,
                 "eval.linprobe.epochs": e.linprobe.epochs, "eval.linprobe.batch_size": e.linprobe.batch_size,
                 "eval.finetune.epochs": e.finetune.epochs, "eval.finetune.batch_size": e.finetune.batch_size,

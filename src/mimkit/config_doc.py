@@ -84,6 +84,9 @@ def show(cfg: Config) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    """``int``, ``float | None``, ``list``; a choice as its values (``auto|bf16|fp16|off``)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -167,7 +167,7 @@ def dataset_from_config(cfg, split: str, transform=None) -> DataSplit:
 
 
 def num_patches_of(cfg) -> int:
-    from mimkit.models.mae import ARCHS
+    from mimkit.models.archs import ARCHS
 
     patch = cfg.model.patch_size or ARCHS[cfg.model.arch]["patch_size"]
     return (cfg.model.img_size // patch) ** 2

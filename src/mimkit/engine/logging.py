@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, Logger, choices
 from mimkit.errors import RunError
 
 log = logging.getLogger("mimkit")
-LOGGERS = ("tensorboard", "wandb", "mlflow")
+LOGGERS = choices(Logger)
 _EXTRA = {"wandb": "wandb", "mlflow": "mlflow"}  # backend -> module (and pip extra) it needs
 
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mimkit.config import ScDistance, ScTarget, choices
 from mimkit.masking import Masks, gather_tokens, num_parts_for, partition_masking, stack_masks
 from mimkit.models.mae import MaskedAutoencoderViT, masked_mean
 
-SC_DISTANCES = ("mse", "l1", "smooth_l1")
-SC_TARGETS = ("other", "mean")
+SC_DISTANCES, SC_TARGETS = choices(ScDistance), choices(ScTarget)
 
 
 def sc_distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

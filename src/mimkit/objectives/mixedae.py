@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mimkit.config import SegmentEmbed, choices
 from mimkit.masking import Masks, gather_tokens, mixing_masks, num_parts_for
 from mimkit.models.mae import MaskedAutoencoderViT
 
-SEGMENT_EMBEDS = ("none", "decoder", "encoder")
+SEGMENT_EMBEDS = choices(SegmentEmbed)
 
 
 # --- homologous attention --------------------------------------------------------------------

@@ -14,13 +14,12 @@ import copy
 import torch
 from torch import nn
 
+from mimkit.config import EmaSchedule, EvalWeights, TeacherMask, choices
 from mimkit.engine.schedule import cosine_increase
 from mimkit.masking import Masks, gather_tokens, mirror_masks
 from mimkit.models.mae import MaskedAutoencoderViT, masked_mean
 
-SCHEDULES = ("cosine", "constant")
-TEACHER_MASKS = ("same", "different")
-EVAL_WEIGHTS = ("teacher", "student")
+SCHEDULES, TEACHER_MASKS, EVAL_WEIGHTS = choices(EmaSchedule), choices(TeacherMask), choices(EvalWeights)
 
 
 def ema_momentum(progress: float, start: float, end: float = 1.0, schedule: str = "cosine",
