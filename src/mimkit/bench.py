@@ -779,11 +779,7 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
                        in_process=args.in_process, variants=args.variant)
     print(describe(spec))
     print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return report
+    return _save_json(report, args.json)
 
 
 def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
@@ -794,10 +790,15 @@ def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{report['images']} JPEGs (mean {report['mean_kib']:.0f} KiB) -> {report['img_size']} px crops, "
           f"{report['threads']} thread(s), fastest of {report['rounds']} rounds")
     print(format_jpeg_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    return _save_json(report, args.json)
+
+
+def _save_json(report: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """Write ``report`` to ``path`` (if given) and return it."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
     return report
 
 

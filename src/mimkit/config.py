@@ -58,7 +58,7 @@ class ConfigError(MimkitError, ValueError):
 class ModelConfig:
     arch: str = "vit_base_patch16"  # a name in mimkit.models.archs.ARCHS
     img_size: int = 224
-    in_chans: int = 3
+    in_chans: Literal[1, 3] = 3  # 1 (grayscale) | 3 (RGB)
     patch_size: int | None = None  # None: the arch's value
     embed_dim: int | None = None
     depth: int | None = None
@@ -399,6 +399,17 @@ def known_keys(saved: dict, obj: object | None = None, prefix: str = "") -> dict
     return out
 
 
+def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'train': {'lr': 1}}`` → ``{'train.lr': 1}`` (dotted keys, as in overrides)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -439,8 +450,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.img_size: {cfg.model.img_size} is not divisible by the patch size {patch}"
         )
-    if cfg.model.in_chans not in (1, 3):
-        raise ConfigError(f"model.in_chans: must be 1 or 3, got {cfg.model.in_chans}")
     t = cfg.train
     positive = {"train.batch_size": t.batch_size, "train.accum_iter": t.accum_iter,
                 "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,

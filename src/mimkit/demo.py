@@ -71,6 +71,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
 
     mean, std = stats_for(cfg)
     test = eval_dataset(cfg, "test")
+    n_train = len(eval_dataset(cfg, "train"))  # the val images (data.val_fraction) held out
     imgs = torch.stack([test[i][0] for i in range(8)])
     noise = torch.rand(8, model.num_patches, generator=torch.Generator().manual_seed(0))
     save_reconstruction_grid(model, imgs, out / "reconstructions.png", mean, std, noise, upscale=4)
@@ -85,7 +86,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
 
 Pre-trained `{cfg.model.arch}` ({cfg.model.img_size} px, patch {model.patch_size},
 mask ratio {cfg.mask_ratio}, norm-pix loss {cfg.norm_pix_loss}) for {metrics[-1]['step']} steps
-({metrics[-1]['epoch']:.2f} epochs) on the 60,000 training images.
+({metrics[-1]['epoch']:.2f} epochs) on {n_train:,} training images (the `val` split held out).
 
 | | value |
 |---|---|
@@ -98,7 +99,7 @@ mask ratio {cfg.mask_ratio}, norm-pix loss {cfg.norm_pix_loss}) for {metrics[-1]
 | hardware | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device} |
 
 k-NN bank: {knn_pre['bank_size']} training images; queries: the {knn_pre['test_size']} test images.
-MAE features are known to be weak under k-NN (docs/evaluation.md): judge them by fine-tuning too.
+MAE features are known to be weak under k-NN (see docs/evaluation.md): judge them by fine-tuning too.
 
 ## Loss
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from mimkit.config import ConfigError, load_config
-from mimkit.engine.logging import MetricLogger, flatten, read_metrics
+from mimkit.config import ConfigError, flat_dict, load_config
+from mimkit.engine.logging import MetricLogger, read_metrics
 from mimkit.errors import RunError
 from tests.conftest import tiny_config
 
@@ -77,8 +77,8 @@ def test_tensorboard_gets_scalars_images_and_hparams(tmp_path):
     assert b"train.max_steps" in content and b"model.embed_dim" in content
 
 
-def test_flatten():
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": "None"}
+def test_flat_dict():
+    assert flat_dict({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": [1, 2], "d": None}
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import os
 import signal
 
 import pytest
+import yaml
 
 from mimkit.config import load_config
 from mimkit.data.sampler import ShardedEpochSampler
@@ -162,3 +163,15 @@ def test_metrics_survive_a_cut_line_and_count_resumed_steps_once(tmp_path, tiny_
     run = pretrain(None, run, resume=True)  # the resume drops rows past step 2, the cut line too
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]
+
+
+def test_a_preemptible_job_relaunched_with_its_config_continues(tmp_path, tiny_overrides):
+    """``--resume --config X`` on a begun run continues it with the saved config, even where the
+    run derived values the preset does not hold (a batch fitted to the data)."""
+    over = tiny_overrides + ["data.synthetic_size=40", "train.batch_size=64", "data.min_steps_per_epoch=4",
+                             "train.max_steps=3"]
+    run = pretrain(load_config(None, over), tmp_path / "job", resume=True)  # first launch starts it
+    saved_batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
+    assert saved_batch < 64  # fitted to 40 samples
+    run = pretrain(load_config(None, over), run, resume=True, overrides=["train.max_steps=4"])
+    assert [s for s, _ in list_checkpoints(run)][-1] == 4

@@ -194,3 +194,16 @@ def test_shipped_preset_loads():
         pytest.skip("the preset's partial-reconstruction arm needs decoder.predict_ratio")
     spec, _ = load_study("fmnist_study")
     assert spec.reference == "mae" and spec.budget_epochs >= 8 and len(spec.eval_fractions) >= 4
+
+
+def test_run_cache_key_counts_only_non_default_pretraining_settings():
+    """A key mimkit adds later (at its default) or a bookkeeping/evaluation change keeps every
+    cached run; a pre-training change does not."""
+    from mimkit.config import load_config
+    from mimkit.study.runner import config_hash, pretraining_key
+
+    assert pretraining_key(load_config(None)) == {}
+    base = load_config("fmnist_tiny")
+    same = load_config("fmnist_tiny", ["train.log_every=7", "eval.knn_k=5", "train.amp=auto"])
+    assert config_hash(same) == config_hash(base)
+    assert config_hash(load_config("fmnist_tiny", ["mask_ratio=0.5"])) != config_hash(base)

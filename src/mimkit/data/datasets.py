@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from mimkit.errors import DataError
 
 from .fetch import fetch_command, is_present, unpack_local
-from .sources import DATASET_NAMES, TORCHVISION, cache_dir, canonical_name, data_root  # noqa: F401 (re-exported)
+from .sources import DATASET_NAMES, TORCHVISION, cache_dir, canonical_name, check_in_chans, data_root  # noqa: F401
 
 logger = logging.getLogger("mimkit")
 
@@ -194,8 +194,7 @@ class ImageFolderDataset(Dataset):
     def __init__(
         self, root: str | os.PathLike, split: str = "train", transform: Transform = None, *, in_chans: int = 3
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        check_in_chans(in_chans)
         root = Path(root).expanduser().absolute()  # error messages show full paths
         if not root.is_dir():
             what = "is a file" if root.exists() else "does not exist"
@@ -269,6 +268,10 @@ class InMemoryDataset(Dataset):
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self.labels) and self.labels.min() >= 0 else 0
 
+    @property
+    def classes(self) -> list[int]:
+        return list(range(self.num_classes))
+
     def __len__(self) -> int:
         return len(self.data)
 
@@ -310,8 +313,7 @@ class SyntheticDataset(Dataset):
         transform: Transform = None,
         num_classes: int = 10,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        check_in_chans(in_chans)
         self.size, self.img_size, self.in_chans, self.seed = size, img_size, in_chans, seed
         self.num_classes, self.transform = num_classes, transform
         self.classes = [f"class_{c}" for c in range(num_classes)]

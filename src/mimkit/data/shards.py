@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from mimkit.errors import DataError
 
 from .datasets import IMAGE_EXTENSIONS, CorruptImageError, ImageFolderDataset, Transform, load_image
+from .sources import check_in_chans
 
 logger = logging.getLogger("mimkit")
 
@@ -164,8 +165,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Transform = None, *,
                  in_chans: int = 3) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        check_in_chans(in_chans)
         path = index_path(root, split)
         if path is None:
             raise DataError(f"data.root: {root} has no {split} shards")

@@ -25,6 +25,13 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def check_in_chans(in_chans: int) -> int:
+    """1 (grayscale) or 3 (RGB): the channel counts every mimkit data set and model take."""
+    if in_chans not in (1, 3):
+        raise DataError(f"in_chans must be 1 or 3, got {in_chans}")
+    return in_chans
+
+
 def cache_dir() -> Path:
     """Data cache and default ``data.root``: ``$MIMKIT_CACHE`` or ``~/.cache/mimkit``."""
     return Path(os.environ.get("MIMKIT_CACHE") or Path.home() / ".cache" / "mimkit").expanduser()

@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .datasets import _match_channels
+from .sources import check_in_chans
 
 BICUBIC = T.InterpolationMode.BICUBIC
 
@@ -17,8 +18,7 @@ class ConvertChannels:
     """Convert a PIL image to mode "L" (``in_chans=1``) or "RGB" (``in_chans=3``)."""
 
     def __init__(self, in_chans: int) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        check_in_chans(in_chans)
         self.in_chans = in_chans
         self.mode = "L" if in_chans == 1 else "RGB"
 

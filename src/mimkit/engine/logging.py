@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import ConfigError, Logger, choices
+from mimkit.config import ConfigError, Logger, choices, flat_dict
 from mimkit.errors import RunError
 
 log = logging.getLogger("mimkit")
@@ -30,18 +30,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s mimkit %(levelname)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{'train': {'lr': 1}}`` → ``{'train.lr': 1}``; lists become strings, None ``'None'``
-    (what hparams tables take)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, bool | int | float | str) else str(v)
-    return out
 
 
 def _as_array(image):
@@ -206,7 +194,9 @@ class MetricLogger:
         if cfg is not None:
             from mimkit.config import to_dict
 
-            hparams = flatten(to_dict(cfg))
+            # hparams tables take scalars: lists and None become strings
+            hparams = {k: v if isinstance(v, bool | int | float | str) else str(v)
+                       for k, v in flat_dict(to_dict(cfg)).items()}
         self.file = open(self.path, "a")
         self.backends = [_BACKENDS[name](run_dir, start_step, hparams) for name in dict.fromkeys(loggers)]
 

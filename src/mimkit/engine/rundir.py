@@ -6,8 +6,8 @@ import fcntl
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
+from mimkit.config import flat_dict
 from mimkit.errors import RunError
 
 log = logging.getLogger("mimkit")
@@ -21,20 +21,9 @@ SAFE_ON_RESUME = (
 )
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{'train': {'lr': 1}}`` → ``{'train.lr': 1}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def check_resume_compatible(saved: dict, new: dict, run: Path) -> None:
     """Refuse a resume whose config changes a key outside :data:`SAFE_ON_RESUME`, naming it."""
-    old, cur = flatten(saved), flatten(new)
+    old, cur = flat_dict(saved), flat_dict(new)
     for key in sorted(set(old) | set(cur)):
         if key in old and key not in cur:
             continue  # a key this version no longer has (renamed or removed)

@@ -112,8 +112,9 @@ def resolve_config(cfg: Config | None, run: Path, resume: bool, overrides) -> tu
 
     ``resume`` continues the newest readable checkpoint; a run killed before its first checkpoint
     starts again from step 0 with its saved ``config.yaml``; an empty folder starts from ``cfg``
-    (so a preemptible job can always pass ``--resume``). A resume that would change a key other
-    than run length, bookkeeping or evaluation is refused, naming the key.
+    (so a preemptible job can always pass ``--resume`` with its config). A run that has begun uses
+    its saved config plus ``overrides``; an override of a key other than run length, bookkeeping
+    or evaluation is refused, naming the key.
     """
     if not resume:
         if cfg is None:
@@ -134,7 +135,9 @@ def resolve_config(cfg: Config | None, run: Path, resume: bool, overrides) -> tu
     else:
         raise RunError(f"--resume: {run} holds no run to continue (no checkpoint, no config.yaml); "
                        "start it with --config")
-    new = cfg if cfg is not None else config_from_dict(saved, overrides)
+    # A run that has begun continues with its saved config (which holds what it derived: computed
+    # statistics, a fitted batch) plus the overrides; ``cfg`` only starts a run.
+    new = config_from_dict(saved, overrides)
     check_resume_compatible(saved, to_dict(new), run)
     return new, state
 

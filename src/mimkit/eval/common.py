@@ -88,15 +88,26 @@ def num_classes_of(ds: Dataset) -> int:
     return int(n) if n else int(dataset_labels(ds).max()) + 1
 
 
+def token_parts(tokens: torch.Tensor, feature: str) -> list[torch.Tensor]:
+    """(B, 1+L, D) tokens → the pooled parts of a feature: ``cls`` token, ``mean`` of the patch
+    tokens, or ``both``."""
+    if feature not in ("cls", "mean", "both"):
+        raise ValueError(f"feature must be cls, mean or both, got {feature!r}")
+    cls, mean = tokens[:, 0], tokens[:, 1:].mean(1)
+    return {"cls": [cls], "mean": [mean], "both": [cls, mean]}[feature]
+
+
 def pool_tokens(tokens: torch.Tensor, feature: str) -> torch.Tensor:
-    """(B, 1+L, D) tokens → features: ``cls`` token, ``mean`` of patch tokens, or ``both``."""
-    if feature == "cls":
-        return tokens[:, 0]
-    if feature == "mean":
-        return tokens[:, 1:].mean(1)
-    if feature == "both":
-        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
-    raise ValueError(f"feature must be cls, mean or both, got {feature!r}")
+    """The feature (``cls`` | ``mean`` | ``both``, concatenated) of (B, 1+L, D) tokens."""
+    return torch.cat(token_parts(tokens, feature), dim=-1)
+
+
+def knn_features(parts: list[torch.Tensor]) -> torch.Tensor:
+    """k-NN features: each part ℓ2-normalised (so cls and mean weigh the same), concatenated,
+    and the whole normalised again (cosine similarity = dot product)."""
+    import torch.nn.functional as F
+
+    return F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
 
 
 def autocast_context(cfg, device: torch.device):

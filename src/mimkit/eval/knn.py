@@ -8,11 +8,10 @@ norm: a :class:`~mimkit.models.mae.MaskedAutoencoderViT`, or a timm ``VisionTran
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.eval.common import autocast_context, labelled_dataset, pool_tokens
+from mimkit.eval.common import autocast_context, knn_features, labelled_dataset, pool_tokens, token_parts
 
 
 @torch.no_grad()
@@ -34,12 +33,7 @@ def extract_features(encoder, loader: DataLoader, device: torch.device, feature:
         with autocast or nullcontext():
             tokens = encoder.forward_features(imgs.to(device, non_blocking=True))
         tokens = tokens.float()
-        if normalize:
-            parts = {"cls": [tokens[:, 0]], "mean": [tokens[:, 1:].mean(1)],
-                     "both": [tokens[:, 0], tokens[:, 1:].mean(1)]}[feature]
-            f = F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
-        else:
-            f = pool_tokens(tokens, feature)
+        f = knn_features(token_parts(tokens, feature)) if normalize else pool_tokens(tokens, feature)
         feats.append(f.cpu().clone())  # a copy: a view would keep every batch's tokens alive
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)

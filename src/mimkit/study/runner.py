@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import Config, ConfigError, config_from_dict, to_dict, validate
+from mimkit.config import Config, ConfigError, config_from_dict, flat_dict, to_dict, validate
 from mimkit.study.index import Calibration, EvalRecord, RunRecord, StudyIndex
 from mimkit.study.spec import Arm, FinetuneJob, StudySpec, arm_config, load_study
 
@@ -36,15 +36,12 @@ NOT_PRETRAINING = ("eval", "data.num_workers", "train.checkpoint_every", "train.
 
 
 def pretraining_key(cfg: Config) -> dict:
-    """The part of a config that defines a pre-training run's result."""
-    d = to_dict(cfg)
-    for key in NOT_PRETRAINING:
-        *parents, last = key.split(".")
-        node = d
-        for p in parents:
-            node = node[p]
-        node.pop(last, None)
-    return d
+    """The part of a config that defines a pre-training run's result: the keys that differ from
+    mimkit's defaults, less :data:`NOT_PRETRAINING`. Only non-defaults count, so a key added to
+    mimkit later (with its default) keeps every cached run."""
+    defaults = flat_dict(to_dict(Config()))
+    return {k: v for k, v in flat_dict(to_dict(cfg)).items()
+            if not k.startswith(NOT_PRETRAINING) and (k not in defaults or defaults[k] != v)}
 
 
 def digest(obj) -> str:
@@ -258,9 +255,9 @@ class Study:
 
     def _frozen(self, cfg: Config, ckpt: Path, arm: str, seed: int, step: int, wall: float, view: str,
                 settings: str) -> list[EvalRecord]:
-        import torch.nn.functional as F
         from torch.utils.data import DataLoader, Subset
 
+        from mimkit.eval.common import knn_features
         from mimkit.eval.knn import eval_dataset, extract_features, knn_accuracy
         from mimkit.eval.linprobe import head_accuracy, train_head_on_features
         from mimkit.interop.convert import build_mae, read_weights
@@ -276,9 +273,8 @@ class Study:
         d, e, classes = ftr.shape[1] // 2, cfg.eval, int(max(ltr.max(), lte.max())) + 1
         cols = {"cls": slice(0, d), "mean": slice(d, 2 * d), "both": slice(0, 2 * d)}
 
-        def knn_feature(x: torch.Tensor) -> torch.Tensor:  # each part l2-normalised, then the whole
-            parts = [x[:, :d], x[:, d:]] if e.feature == "both" else [x[:, cols[e.feature]]]
-            return F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
+        def knn_feature(x: torch.Tensor) -> torch.Tensor:  # the k-NN feature from the cached cls|mean
+            return knn_features([x[:, :d], x[:, d:]] if e.feature == "both" else [x[:, cols[e.feature]]])
 
         where = {i: j for j, i in enumerate(union)}
         out = []
