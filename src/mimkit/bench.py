@@ -289,7 +289,7 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
     import torch
     from timm.optim import param_groups_weight_decay
 
-    from mimkit.engine.trainer import adamw_kernel
+    from mimkit.engine.precision import adamw_kernel
 
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, config_yaml, to_dict
-from mimkit.data.build import WithNoise, pretrain_dataset  # noqa: F401 (WithNoise: re-export)
+from mimkit.data.build import pretrain_dataset
 from mimkit.data.sampler import ShardedEpochSampler
 from mimkit.engine import parallel
 from mimkit.engine.checkpoint import (
@@ -35,7 +35,7 @@ from mimkit.engine.checkpoint import (
 )
 from mimkit.engine.distributed import all_mean, any_rank, barrier, cleanup, init_distributed
 from mimkit.engine.logging import MetricLogger, setup_logging
-from mimkit.engine.precision import adamw_kernel, autocast_for, grad_scaler_for  # noqa: F401 (re-exported)
+from mimkit.engine.precision import adamw_kernel, autocast_for, grad_scaler_for
 from mimkit.engine.rundir import RunLock, check_resume_compatible
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.engine.summary import log_run_summary
@@ -355,10 +355,11 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                 preempted = stop.received is not None if not info.enabled else \
                     (is_log and any_rank(stop.received is not None, info, device))
                 if is_ckpt or preempted:
-                    ckpt_state = make_state()
-                    if info.is_main:
-                        last_ckpt = save_checkpoint(run, step, ckpt_state, t.keep_checkpoints)
-                    del ckpt_state
+                    if info.is_main or t.strategy == "fsdp":  # FSDP2 gathers on every rank
+                        ckpt_state = make_state()
+                        if info.is_main:
+                            last_ckpt = save_checkpoint(run, step, ckpt_state, t.keep_checkpoints)
+                        del ckpt_state
                     barrier(info)
                 if preempted:
                     raise Preempted(f"{stop.received or 'a stop signal'} received: checkpoint at step "
