@@ -38,7 +38,7 @@ class EvalRecord:
     arm: str
     seed: int
     step: int  # the pre-training step of the evaluated checkpoint (0: none)
-    wall_s: float  # pre-training wall-clock at that checkpoint
+    wall_s: float  # pre-training wall-clock at that checkpoint: steps x calibrated s/step
     protocol: str  # knn | linprobe | finetune | train_log
     metric: str  # knn_top1 | linprobe_top1 | finetune_top1 | a metrics.jsonl key
     label_fraction: float | None

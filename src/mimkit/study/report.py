@@ -90,12 +90,11 @@ def plot_losses(ix: StudyIndex, spec: StudySpec, study: Path, path: Path) -> Pat
     for r in ix.runs:
         if r.kind != "pretrain":
             continue
-        t, xs, ys = 0.0, [], []
-        for row, seconds, _ in timed_steps(study / r.folder):
-            t += seconds
+        xs, ys = [], []
+        for row, _, _ in timed_steps(study / r.folder):
             v = row.get("loss_rec", row.get("loss"))
             if isinstance(v, float):
-                xs.append(t / 60)
+                xs.append(row["step"] * r.s_per_step / 60)  # calibrated time, as the accuracy curves
                 ys.append(v)
         k = max(1, len(ys) // 50)  # a running mean keeps the lines readable
         ys = [statistics.fmean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
@@ -246,7 +245,9 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
         f"- Budget: every arm gets the same pre-training wall-clock, {ix.budget_s:.0f} s = "
         f"{spec.budget_epochs:g} epochs of `{spec.reference}` × budget {ix.budget:g}; each arm's step count "
         "comes from its calibrated seconds per step: "
-        + ", ".join(f"{a} {s:.3f} s (×{s / ref:.2f})" for a, s in cal.items() if ref) + ".",
+        + ", ".join(f"{a} {s:.3f} s (×{s / ref:.2f})" for a, s in cal.items() if ref) + ". The time axes "
+        "are steps × these calibrated seconds (timed once per arm, on an otherwise idle machine), so a run "
+        "that shared the CPU or spanned several sittings is placed where it would be alone.",
         f"- Evaluation points: at {', '.join(f'{f:g}' for f in spec.eval_fractions)} of each run: k-NN (k={e.knn_k}, "
         f"T={e.knn_temperature}, `{e.feature}` features) and linear probe ({e.linprobe.optimizer}, "
         f"{e.linprobe.epochs} epochs on cached `{e.linprobe.feature}` features) on "

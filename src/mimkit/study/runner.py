@@ -206,10 +206,13 @@ class Study:
                            "fractions": self.spec.label_fractions})
         ckpts = dict(list_checkpoints(run))
         views = ["auto", "student"] if "student" in load_file(ckpts[rec.steps]) else ["auto"]  # teacher-student
-        clock, rows, prev = 0.0, timed_steps(run), 0
+        # The time axis is calibrated: steps x the arm's seconds per step, timed once on an idle
+        # machine. Measured time would shift with whatever else shares the CPU over a run that
+        # spans several sittings; the measured total is kept in the run record (train_s).
+        rows, prev = timed_steps(run), 0
         for step in rec.eval_steps:
             window = [r for r, _, _ in rows if prev < r["step"] <= step]
-            wall = clock + sum(s for r, s, _ in rows if prev < r["step"] <= step)
+            wall = step * rec.s_per_step
             for k in sorted({k for r in window for k in r if k.startswith(("loss", "acc_"))}):
                 vals = [r[k] for r in window if isinstance(r.get(k), float)]
                 if vals:
@@ -219,9 +222,10 @@ class Study:
                 self._cached(run, self.index.evals, {"step": step, "view": view, "settings": settings},
                              lambda v=view, s=step, w=wall: self._frozen(cfg, ckpts.get(s), arm.name, rec.seed, s, w,
                                                                         v, settings))
-            clock, prev = wall, step
+            prev = step
         # EMAE's claim: how much predictions of the same patch differ across masks (lower: more consistent)
         last, n, masks = rec.eval_steps[-1], 1000, 4
+        clock = last * rec.s_per_step
         self._cached(run, self.index.evals, {"step": last, "settings": digest(["consistency", n, masks])},
                      lambda: [EvalRecord(arm.name, rec.seed, last, clock, "consistency", "pairwise_mse", None, "test",
                                          self._consistency(cfg, ckpts[last], n, masks), "auto",
