@@ -19,7 +19,6 @@ def test_presets_load():
     ("train.batch_size=0", "train.batch_size: must be >= 1"),
     ("model.img_size=30", "model.img_size: 30 is not divisible by the patch size 4"),
     ("mask_ratio=1.5", "mask_ratio"),
-    ("method=emea", "did you mean 'emae'"),
     ("train.amp=fp8", "train.amp: 'fp8' is not one of"),
     ("model.arch=vit_bas_patch16", "did you mean 'vit_base_patch16'"),
     ("norm_pix_loss=maybe", "norm_pix_loss: expected bool"),

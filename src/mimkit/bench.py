@@ -114,7 +114,7 @@ def build_mimkit(spec: BenchSpec) -> Built:
     objective = build_objective(cfg, model)
     return Built(
         objective,
-        lambda m, imgs, noise: m(imgs, noise, 0.0)["loss"],
+        lambda m, imgs, noise: m(imgs, noise, 0.0).loss,
         lambda: objective.after_step(0.0),  # e.g. RC-MAE's EMA update is part of a step
         {"module": f"{type(objective).__module__}.{type(objective).__name__}"},
     )
@@ -721,6 +721,98 @@ def format_jpeg_table(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+
+# --------------------------------------------------------------------------------------------
+# The trainer against the bench: the real loop (data, logging) vs one step on ready tensors
+# --------------------------------------------------------------------------------------------
+
+# Config keys that change what one step computes (everything else: data, schedule, bookkeeping).
+_STEP_KEYS = ("method", "mask_ratio", "norm_pix_loss", "model.", "decoder.", "emae.", "teacher.", "mixedae.",
+              "train.grad_checkpointing")
+
+
+def spec_for_config(cfg: Any, warmup: int, iters: int) -> BenchSpec:
+    """The bench step of ``cfg``'s model, method and batch on its device, precision and compile."""
+    import torch
+
+    from mimkit.config import Config, flat_dict, to_dict
+    from mimkit.engine.precision import resolve_amp
+
+    default = flat_dict(to_dict(Config()))
+    step_keys = {k: v for k, v in flat_dict(to_dict(cfg)).items()
+                 if k.startswith(_STEP_KEYS) and v != default.get(k)}
+    device = "cuda" if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    t, m = cfg.train, cfg.model
+    return BenchSpec(arch=m.arch, img_size=m.img_size, in_chans=m.in_chans, patch_size=m.patch_size,
+                     method=cfg.method, batch_size=t.batch_size, device=device,
+                     dtype="bf16" if resolve_amp(t.amp, torch.device(device)) == "bf16" else "fp32",
+                     compile=t.compile, warmup=warmup, iters=iters,
+                     overrides=[f"{k}={json.dumps(v)}" for k, v in step_keys.items()])
+
+
+def run_trainer_bench(cfg: Any, warmup: int = 5, iters: int = 20, log: Callable[[str], None] = print) -> dict:
+    """Time :func:`mimkit.engine.trainer.pretrain` itself on ``cfg`` (its data, workers, logging)
+    for ``warmup`` + ``iters`` optimizer steps in a temporary folder, and the bench's step on
+    tensors already in memory for the same model, method and batch (:func:`run_worker`).
+
+    Each of the trainer's steps is logged (``train.log_every=1``); its time covers data and
+    compute since the previous step. The first ``warmup`` steps (loader workers starting) and the
+    final checkpoint and picture are left out. Returns both rates, their ratio and the share of
+    the trainer's step spent waiting for data.
+    """
+    import copy
+    import tempfile
+
+    from mimkit.config import validate
+    from mimkit.engine.logging import read_metrics
+    from mimkit.engine.trainer import pretrain
+
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    t.max_steps, t.log_every, t.checkpoint_every = warmup + iters, 1, warmup + iters
+    t.knn_every, t.vis_every, t.seed = 0, 0, 0
+    validate(cfg)
+    spec = spec_for_config(cfg, warmup=2, iters=iters)
+    log(f"bench step: {describe(spec)}")
+    step_row = run_worker(spec, "mimkit")
+    log(f"trainer: {warmup} + {iters} steps")
+    with tempfile.TemporaryDirectory(prefix="mimkit-bench-trainer-") as tmp:
+        run = pretrain(cfg, Path(tmp) / "run")
+        rows = [r for r in read_metrics(run) if isinstance(r.get("images_per_s"), float)]
+    eff_batch = t.batch_size * t.accum_iter
+    timed = [r for r in rows if r["step"] > warmup]
+    step_s = [eff_batch / r["images_per_s"] for r in timed]
+    data_s = sum(r.get("data_time", 0.0) for r in timed)
+    trainer_ips = eff_batch / statistics.median(step_s)
+    return {
+        "config": {"method": cfg.method, "arch": cfg.model.arch, "img_size": cfg.model.img_size,
+                   "data": cfg.data.name, "num_workers": cfg.data.num_workers, "batch_size": eff_batch,
+                   "loggers": list(t.loggers)},
+        "warmup": warmup, "iters": len(timed),
+        "trainer_images_per_s": trainer_ips,
+        "trainer_images_per_s_mean": eff_batch * len(step_s) / sum(step_s),
+        "trainer_data_share": data_s / sum(step_s),
+        "bench_images_per_s": step_row["images_per_s"],
+        "trainer_vs_bench": trainer_ips / step_row["images_per_s"],
+        "bench": step_row,
+    }
+
+
+def format_trainer_table(report: dict[str, Any]) -> str:
+    """Markdown: the trainer's rate against the bench step's."""
+    c = report["config"]
+    return "\n".join([
+        "| what | images/s (median step) | vs bench |",
+        "|---|---|---|",
+        f"| bench: one step on tensors in memory | {report['bench_images_per_s']:.1f} | 1.00 |",
+        f"| trainer: `{c['data']}`, {c['num_workers']} workers, loggers {c['loggers'] or 'none'} "
+        f"| {report['trainer_images_per_s']:.1f} (mean {report['trainer_images_per_s_mean']:.1f}) "
+        f"| {report['trainer_vs_bench']:.3f} |",
+        "",
+        f"{report['iters']} timed trainer steps after {report['warmup']} warm-up steps; "
+        f"{report['trainer_data_share']:.1%} of the trainer's step time waited for data.",
+    ])
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``mimkit bench`` options (also used by ``python -m mimkit.bench``)."""
     p.add_argument("overrides", nargs="*", help="further key=value config overrides (e.g. model.depth=6)")
@@ -747,6 +839,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds per implementation run")
     p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument("--trainer", action="store_true",
+                   help="time the real trainer loop (--config, its data and workers) against the bench step")
+    p.add_argument("--config", default="fmnist_tiny", help="--trainer: preset or YAML file (overrides apply)")
     p.add_argument("--jpeg", action="store_true",
                    help="instead: time JPEG decoding + augmentation per core (PIL vs torchvision.io)")
     p.add_argument("--jpeg-dir", default=None, help="--jpeg: folder of .jpg files (default: write a temporary one)")
@@ -766,6 +861,8 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.jpeg:
         return main_jpeg(args)
+    if args.trainer:
+        return main_trainer(args)
     spec = spec_from_args(args)
     if spec.warmup < 1 and spec.compile:
         print("note: --compile with no warm-up step times the compilation", file=sys.stderr)
@@ -790,6 +887,17 @@ def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{report['images']} JPEGs (mean {report['mean_kib']:.0f} KiB) -> {report['img_size']} px crops, "
           f"{report['threads']} thread(s), fastest of {report['rounds']} rounds")
     print(format_jpeg_table(report))
+    return _save_json(report, args.json)
+
+
+def main_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    """``mimkit bench --trainer``: the trainer loop against the bench step, printed and saved."""
+    from mimkit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
+    report = run_trainer_bench(cfg, max(args.warmup, 1), args.iters, log)
+    print(format_trainer_table(report))
     return _save_json(report, args.json)
 
 

@@ -112,3 +112,24 @@ def test_jpeg_bench_paths_agree_and_report(tmp_path, capsys):
     assert {(r["path"], r["stage"]) for r in report["results"]} == {
         (p, s) for p in ("pil", "torchvision") for s in ("decode", "decode+augment")}
     assert "| torchvision | decode+augment |" in capsys.readouterr().out
+
+
+def test_trainer_bench_times_the_real_loop_against_the_step(tmp_path, capsys, tiny_overrides):
+    """`mimkit bench --trainer` runs pretrain() itself and the bench step of the same model."""
+    from mimkit.config import load_config
+
+    cfg = load_config(None, [*tiny_overrides, "train.batch_size=4", "method=rcmae", "train.loggers=[]"])
+    spec = bench.spec_for_config(cfg, warmup=1, iters=2)
+    assert spec.method == "rcmae" and spec.batch_size == 4 and spec.img_size == 16
+    assert "model.embed_dim=32" in spec.overrides  # what the step computes travels ...
+    assert not any(o.startswith(("data.", "train.batch_size")) for o in spec.overrides)  # ... the rest does not
+
+    out = tmp_path / "trainer.json"
+    assert main(["bench", "--trainer", "--config", "fmnist_tiny", *tiny_overrides, "train.batch_size=4",
+                 "train.loggers=[]", "--warmup", "1", "--iters", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["iters"] == 3 and report["warmup"] == 1  # steps 2-4 of the trainer's log
+    assert report["trainer_images_per_s"] > 0 and report["bench_images_per_s"] > 0
+    assert report["trainer_vs_bench"] == pytest.approx(report["trainer_images_per_s"] / report["bench_images_per_s"])
+    assert 0 <= report["trainer_data_share"] < 1 and report["config"]["data"] == "synthetic"
+    assert "| trainer:" in capsys.readouterr().out

@@ -67,7 +67,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides,
         calls["n"] += 1
         out = orig(self, imgs, noise, progress)
         if calls["n"] >= 3:
-            out["loss"] = out["loss"] * float("nan")
+            out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(MAE, "forward", poisoned)

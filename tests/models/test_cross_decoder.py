@@ -49,7 +49,7 @@ def test_cross_decoder_from_config_trains_checkpoints_and_is_refused_by_hf_expor
     assert model.arch["decoder_kind"] == "cross" and "decoder_kind" not in _plain_arch()
     imgs, noise = _batch()
     out = build_objective(cfg, model)(imgs.repeat(2, 1, 1, 1), noise.repeat(2, 1))
-    out["loss"].backward()
+    out.loss.backward()
     assert all(p.grad is not None for p in model.decoder_blocks.parameters())
     # a checkpoint's arch rebuilds the same model
     again = model_from_state(model.state_dict(), model.arch)
@@ -83,5 +83,5 @@ def test_cross_decoder_serves_every_method(method):
     objective = build_objective(cfg, model_from_config(cfg))
     g = torch.Generator().manual_seed(0)
     out = objective(torch.randn(8, 1, 16, 16, generator=g), torch.rand(8, 16, generator=g), 0.5)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and out["pred"].shape == (8, 16, 16)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.pred.shape == (8, 16, 16)

@@ -99,8 +99,8 @@ def test_predict_ratio_one_is_exactly_mae():
     a = MAE(model, 0.75)(imgs, noise)
     b = MAE(model, 0.75, predict_ratio=1.0)(imgs, noise)
     ref = model(imgs, noise=noise)
-    assert torch.equal(a["loss"], ref.loss) and torch.equal(b["loss"], ref.loss)
-    assert torch.equal(b["pred"], ref.pred)
+    assert torch.equal(a.loss, ref.loss) and torch.equal(b.loss, ref.loss)
+    assert torch.equal(b.pred, ref.pred)
 
 
 def _cfg(*extra):
@@ -113,10 +113,11 @@ def test_config_builds_partial_mae_and_refuses_other_methods():
     assert isinstance(obj, MAE) and obj.predict_ratio == 0.25
     imgs, noise = _batch(8)
     out = obj(imgs, noise)
-    assert out["masks"].mask.sum(1).eq(3).all() and out["mask"].sum(1).eq(12).all()
+    assert out.masks.mask.sum(1).eq(3).all() and out.mask.sum(1).eq(12).all()
     for method in ("emae", "mixedae", "emae+rcmae"):
+        cfg = _cfg("decoder.predict_ratio=0.5", f"method={method}")
         with pytest.raises(ConfigError, match="decoder.predict_ratio"):
-            _cfg("decoder.predict_ratio=0.5", f"method={method}")
+            build_objective(cfg, model_from_config(cfg))
     with pytest.raises(ConfigError, match="decoder.predict_ratio"):
         _cfg("decoder.predict_ratio=1.5")
 
@@ -127,14 +128,14 @@ def test_rcmae_teacher_scores_the_same_subset():
     assert isinstance(obj, EMATeacher)
     imgs, noise = _batch(8)
     out = obj(imgs, noise)
-    scored = out["masks"].mask
+    scored = out.masks.mask
     assert scored.sum(1).eq(6).all()
     # the teacher term is the masked mean over the scored patches of the full teacher prediction
     masks = random_masking(noise, cfg.mask_ratio)
     with torch.no_grad():
         target = obj.teacher(imgs, masks=masks).pred
-    per_patch = ((out["preds"] - target) ** 2).mean(-1)
-    torch.testing.assert_close(out["loss_teacher"], (per_patch * scored).sum() / scored.sum())
+    per_patch = ((out.preds - target) ** 2).mean(-1)
+    torch.testing.assert_close(out.terms["loss_teacher"], (per_patch * scored).sum() / scored.sum())
 
 
 def test_partial_rcmae_with_checkpointing_resumes_exactly(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from mimkit.config import ConfigError, MixedAEConfig, TeacherConfig, load_config
 from mimkit.models import model_from_config
-from mimkit.objectives import EMAE, MAE, EMATeacher, MixedAE, build_objective
+from mimkit.objectives import EMAE, MAE, EMATeacher, MixedAE, build_objective, parse_method
 
 TINY = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
         "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
@@ -27,13 +27,28 @@ def test_presets_and_combinations(method, kind, base):
         assert isinstance(obj.base, base)
     g = torch.Generator().manual_seed(0)
     out = obj(torch.randn(8, 1, 16, 16, generator=g), torch.rand(8, 16, generator=g), 0.5)
-    assert torch.isfinite(out["loss"])
-    assert out["pred"].shape == (8, 16, 16) and out["mask"].shape == (8, 16)
+    assert torch.isfinite(out.loss)
+    assert out.pred.shape == (8, 16, 16) and out.mask.shape == (8, 16)
+
+
+def test_method_names_are_checked_where_methods_are_registered():
+    assert parse_method("emae+rcmae") == (EMAE, [EMATeacher])
+    assert parse_method("rcmae") == (MAE, [EMATeacher])  # wrappers alone wrap MAE
+    with pytest.raises(ConfigError, match="did you mean 'emae'"):
+        parse_method("emea")
+    with pytest.raises(ConfigError, match="names 2 base methods"):  # both use the K-part partition
+        parse_method("emae+mixedae")
+
+
+def test_a_bad_method_fails_before_the_run_folder_gets_a_config(tmp_path):
+    from mimkit.engine.trainer import pretrain
+
+    with pytest.raises(ConfigError, match="method: unknown 'emea'"):
+        pretrain(load_config(None, ["method=emea", *TINY, "data.num_workers=0"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_invalid_combinations_and_shapes_error():
-    with pytest.raises(ConfigError, match="emae"):
-        load_config("fmnist_tiny", ["method=emae+mixedae"])
     cfg = load_config("fmnist_tiny", ["method=emae", "mask_ratio=0.7", *TINY])
     with pytest.raises(ConfigError, match="not an integer"):
         build_objective(cfg, model_from_config(cfg))
@@ -65,10 +80,10 @@ def test_loss_decreases_on_synthetic_data(method, make_model, make_images):
     for step in range(60):
         out = obj(imgs, torch.rand(16, 16, generator=g), step / 60)
         opt.zero_grad()
-        out["loss"].backward()
+        out.loss.backward()
         opt.step()
         obj.after_step((step + 1) / 60)
-        losses.append(out["loss_rec"].item())
+        losses.append(out.terms["loss_rec"].item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (method, first, last)
 

@@ -20,11 +20,11 @@ def test_stacked_and_sequential_give_same_loss_and_gradients(make_model, batch, 
     for sequential in (False, True):
         obj = EMAE(make_model(), 0.75, sc_target=sc_target, sequential=sequential)
         out = obj(imgs, noise)
-        out["loss"].backward()
+        out.loss.backward()
         results.append((out, grads(obj)))
     (a, ga), (b, gb) = results
-    for key in ("loss", "loss_rec", "loss_sc", "preds"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    for x, y in ((a.loss, b.loss), (a.preds, b.preds), *((a.terms[k], b.terms[k]) for k in ("loss_rec", "loss_sc"))):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     assert ga.keys() == gb.keys() and len(ga) > 10
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=0, atol=1e-6, msg=name)
@@ -34,11 +34,11 @@ def test_one_part_without_consistency_is_mae(make_model, batch):
     imgs, noise = batch
     mae, emae = MAE(make_model(), 0.75), EMAE(make_model(), 0.75, num_parts=1, sc_weight=0.0)
     a, b = mae(imgs, noise), emae(imgs, noise)
-    a["loss"].backward()
-    b["loss"].backward()
-    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(b["pred"], a["pred"], rtol=0, atol=1e-6)
-    assert torch.equal(b["mask"], a["mask"])
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.pred, a.pred, rtol=0, atol=1e-6)
+    assert torch.equal(b.mask, a.mask)
     ga, gb = grads(mae), grads(emae)
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=0, atol=1e-6, msg=name)
@@ -50,9 +50,9 @@ def test_reconstruction_is_the_mean_of_per_part_mae_losses(make_model, batch):
     out = obj(imgs, noise, progress=0.3)
     parts = partition_masking(noise, 4)
     mae_losses = [obj.model(imgs, masks=p).loss for p in parts]
-    torch.testing.assert_close(out["loss_rec"], torch.stack(mae_losses).mean(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(out["loss"], out["loss_rec"] + 0.5 * out["loss_sc"])
-    assert out["preds"].shape == (4 * 8, 16, 16) and torch.equal(out["rows"], torch.arange(8).repeat(4))
+    torch.testing.assert_close(out.terms["loss_rec"], torch.stack(mae_losses).mean(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.terms["loss_rec"] + 0.5 * out.terms["loss_sc"])
+    assert out.preds.shape == (4 * 8, 16, 16) and torch.equal(out.rows, torch.arange(8).repeat(4))
 
 
 def test_self_consistency_matches_its_definition():
@@ -95,7 +95,7 @@ def test_self_consistency_stops_gradient_on_target():
 def test_no_overlap_gives_zero_not_nan(make_model, batch):
     imgs, noise = batch
     out = EMAE(make_model(), 0.5)(imgs, noise)  # K = 2: a patch masked in one part is visible in the other
-    assert out["loss_sc"] == 0 and torch.isfinite(out["loss"])
+    assert out.terms["loss_sc"] == 0 and torch.isfinite(out.loss)
 
 
 def test_sc_warmup_is_linear_in_progress(make_model):

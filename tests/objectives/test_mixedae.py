@@ -104,10 +104,10 @@ def test_one_way_without_contrastive_is_mae(make_model, batch):
     imgs, noise = batch
     mae, mixed = MAE(make_model(), 0.75), MixedAE(make_model(), 0.75, ways=1, hc_weight=0.0, attn_weight=0.0)
     a, b = mae(imgs, noise), mixed(imgs, noise)
-    a["loss"].backward()
-    b["loss"].backward()
-    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(b["pred"], a["pred"], rtol=0, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.pred, a.pred, rtol=0, atol=1e-6)
     for (name, pa), pb in zip(mae.model.named_parameters(), mixed.model.parameters(), strict=True):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-6, msg=name)
@@ -118,12 +118,12 @@ def test_forward_outputs(make_model, batch):
     for options in ({}, {"oracle": True}, {"attn_blocks": [1], "segment_embed": "encoder"},
                     {"hc_prototype": True, "segment_embed": "decoder"}):
         out = MixedAE(make_model(), 0.75, **options)(imgs, noise)
-        assert out["pred"].shape == (8, 16, 16) and out["mask"].sum() == 8 * 12
-        attn = out.get("loss_attn", 0.0)  # top-k blocks only (none with the oracle)
-        assert ("loss_attn" in out) != bool(options.get("oracle"))
-        torch.testing.assert_close(out["loss"], out["loss_rec"] + 0.5 * out["loss_hc"] + attn)
-        assert 0 <= out["acc_homologous"] <= 1 and 0 <= out["acc_homologous_feat"] <= 1
-    assert MixedAE(make_model(), 0.75, oracle=True)(imgs, noise)["acc_homologous"] == 1
+        assert out.pred.shape == (8, 16, 16) and out.mask.sum() == 8 * 12
+        attn = out.terms.get("loss_attn", 0.0)  # top-k blocks only (none with the oracle)
+        assert ("loss_attn" in out.terms) != bool(options.get("oracle"))
+        torch.testing.assert_close(out.loss, out.terms["loss_rec"] + 0.5 * out.terms["loss_hc"] + attn)
+        assert 0 <= out.terms["acc_homologous"] <= 1 and 0 <= out.terms["acc_homologous_feat"] <= 1
+    assert MixedAE(make_model(), 0.75, oracle=True)(imgs, noise).terms["acc_homologous"] == 1
 
 
 def test_homologous_accuracy():
@@ -139,9 +139,9 @@ def test_attention_loss_is_zero_weight_neutral_and_trains_the_logits(make_model,
     b = MixedAE(make_model(), 0.75, attn_weight=2.0)
     b.load_state_dict(a.state_dict())
     out_a, out_b = a(imgs, noise), b(imgs, noise)
-    torch.testing.assert_close(out_b["loss"], out_a["loss"] + 2.0 * out_a["loss_attn"])
-    out_a["loss"].backward()
-    out_b["loss_attn"].backward()
+    torch.testing.assert_close(out_b.loss, out_a.loss + 2.0 * out_a.terms["loss_attn"])
+    out_a.loss.backward()
+    out_b.terms["loss_attn"].backward()
     # Without the term the qkv weights get gradient only through the kept logits and values;
     # the term itself reaches them (through q and k) in every homologous block.
     for blk in b.model.blocks:

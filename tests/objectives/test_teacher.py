@@ -18,7 +18,7 @@ def test_teacher_gets_no_gradient_and_is_not_optimised(make_model, batch):
     obj.train()
     assert not obj.teacher.training and obj.model.training
     out = obj(imgs, noise)
-    out["loss"].backward()
+    out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in obj.teacher.parameters())
     assert any(p.grad is not None for p in obj.model.parameters())
     optimised = {id(p) for g in param_groups_weight_decay(obj, 0.05) for p in g["params"]}
@@ -107,9 +107,9 @@ def test_zero_weight_is_mae(make_model, batch):
     imgs, noise = batch
     mae, rc = MAE(make_model(), 0.75), EMATeacher(MAE(make_model(), 0.75), weight=0.0)
     a, b = mae(imgs, noise), rc(imgs, noise)
-    a["loss"].backward()
-    b["loss"].backward()
-    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-6)
     for (name, pa), pb in zip(mae.model.named_parameters(), rc.model.parameters(), strict=True):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-6, msg=name)
@@ -124,12 +124,12 @@ def test_consistency_loss_uses_same_or_mirrored_masks(make_model, batch):
     out = obj(imgs, noise)
     masks = random_masking(noise, 0.75)
     target = obj.teacher(imgs, masks=masks).pred
-    torch.testing.assert_close(out["loss_teacher"], masked_mean((out["pred"] - target) ** 2, masks.mask))
-    torch.testing.assert_close(out["loss"], out["loss_rec"] + out["loss_teacher"])
+    torch.testing.assert_close(out.terms["loss_teacher"], masked_mean((out.pred - target) ** 2, masks.mask))
+    torch.testing.assert_close(out.loss, out.terms["loss_rec"] + out.terms["loss_teacher"])
     obj.mask = "different"
     out = obj(imgs, noise)
     target = obj.teacher(imgs, masks=random_masking(noise.flip(1), 0.75)).pred
-    torch.testing.assert_close(out["loss_teacher"], masked_mean((out["pred"] - target) ** 2, masks.mask))
+    torch.testing.assert_close(out.terms["loss_teacher"], masked_mean((out.pred - target) ** 2, masks.mask))
 
 
 def test_teacher_consistency_on_every_emae_part(make_model, batch):
@@ -143,9 +143,9 @@ def test_teacher_consistency_on_every_emae_part(make_model, batch):
     per_part = []
     for k, part in enumerate(parts):
         target = teacher_predict(obj.teacher, imgs, part)
-        per_part.append(masked_mean((out["preds"][k * 8:(k + 1) * 8] - target) ** 2, part.mask))
-    torch.testing.assert_close(out["loss_teacher"], torch.stack(per_part).mean(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(out["loss"], out["loss_rec"] + out["loss_sc"] + 0.5 * out["loss_teacher"])
+        per_part.append(masked_mean((out.preds[k * 8:(k + 1) * 8] - target) ** 2, part.mask))
+    torch.testing.assert_close(out.terms["loss_teacher"], torch.stack(per_part).mean(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.terms["loss_rec"] + out.terms["loss_sc"] + 0.5 * out.terms["loss_teacher"])
     assert mirror_masks(parts[0]).mask.shape == parts[0].mask.shape
 
 

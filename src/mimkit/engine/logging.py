@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,23 @@ LOGGERS = choices(Logger)
 _EXTRA = {"wandb": "wandb", "mlflow": "mlflow"}  # backend -> module (and pip extra) it needs
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when the handler was
+    made: a redirected or replaced stderr (notebooks, capture) never receives a closed stream."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
+    """mimkit's log lines on stderr (once per process), at ``level``."""
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s mimkit %(levelname)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)

@@ -43,16 +43,6 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def _method_factor(cfg) -> float:
-    """Rough cost of a method's step relative to MAE's: EMAE encodes K parts, RC-MAE adds a
-    teacher forward (about a third of a forward + backward)."""
-    from mimkit.config import method_parts
-
-    parts = method_parts(cfg.method)
-    factor = float(cfg.emae.num_parts or round(1 / (1 - cfg.mask_ratio))) if "emae" in parts else 1.0
-    return factor + (1 / 3 if "rcmae" in parts else 0.0)
-
-
 @torch.no_grad()
 def _seconds_per_step(objective, cfg, device: torch.device) -> float:
     """One timed forward of a copy of the (MAE) model on random inputs, x3 for the backward pass
@@ -74,7 +64,7 @@ def _seconds_per_step(objective, cfg, device: torch.device) -> float:
                 torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         del probe
-    return 3 * elapsed * t.batch_size / b * t.accum_iter * _method_factor(cfg)
+    return 3 * elapsed * t.batch_size / b * t.accum_iter * objective.step_cost()
 
 
 def log_run_summary(cfg, dataset, objective, device: torch.device, world_size: int, steps_per_epoch: int,

@@ -213,12 +213,11 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     info, device = init_distributed(t.device)
     # Before the config is saved: it may fill data.mean/std (data.stats=compute) and fit the batch.
     dataset = pretrain_dataset(cfg, info.world_size)
-    if info.is_main:
-        atomic_write_text(run / "config.yaml", config_yaml(cfg))
-
     torch.manual_seed(t.seed)
     model = model_from_config(cfg)
-    objective = build_objective(cfg, model).to(device)
+    objective = build_objective(cfg, model).to(device)  # a bad method or shape fails before anything is saved
+    if info.is_main:
+        atomic_write_text(run / "config.yaml", config_yaml(cfg))
 
     global_batch = t.batch_size * info.world_size
     steps_per_epoch = len(dataset) // global_batch // t.accum_iter
@@ -274,10 +273,8 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         }
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
-        teacher = getattr(objective, "teacher", None)
-        if teacher is not None:  # RC-MAE-style: keep both; "model" holds the eval weights
-            state["student"] = parallel.submodule_state(full, objective, objective.model)
-            state["teacher"] = parallel.submodule_state(full, objective, teacher)
+        for name, module in objective.extra_state().items():  # e.g. RC-MAE's student and teacher
+            state[name] = parallel.submodule_state(full, objective, module)
         return state
 
     objective.train()
@@ -301,12 +298,11 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     with parallel.grad_sync(net, t.strategy, info, sync=micro + 1 == t.accum_iter):
                         with autocast:
                             out = step_fn(imgs, noise, step / total_steps)
-                        loss = out["loss"] / t.accum_iter
+                        loss = out.loss / t.accum_iter
                         (scaler.scale(loss) if scaler is not None else loss).backward()
-                    bad_loss |= ~torch.isfinite(out["loss"].detach())
-                    for k, v in out.items():
-                        if k == "loss" or k.startswith(("loss_", "acc_")):
-                            sums[k] = sums.get(k, 0.0) + v.detach().float() / t.accum_iter
+                    bad_loss |= ~torch.isfinite(out.loss.detach())
+                    for k, v in {"loss": out.loss, **out.terms}.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() / t.accum_iter
 
                 # --- clip, step
                 if scaler is not None:

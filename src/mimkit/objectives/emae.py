@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimkit.config import ScDistance, ScTarget, choices
 from mimkit.masking import Masks, gather_tokens, num_parts_for, partition_masking, stack_masks
 from mimkit.models.mae import MaskedAutoencoderViT, masked_mean
+from mimkit.objectives.base import Objective, ObjectiveOutput
 
 SC_DISTANCES, SC_TARGETS = choices(ScDistance), choices(ScTarget)
 
@@ -68,7 +68,7 @@ def self_consistency(preds: list[torch.Tensor], masks: list[torch.Tensor], dista
     return (torch.stack(values) * valid_t).sum() / valid_t.sum().clamp(min=1)
 
 
-class EMAE(nn.Module):
+class EMAE(Objective):
     """EMAE objective. ``num_parts`` parts are run (0: all K); part 0 is MAE's random mask.
 
     ``sequential=False`` stacks the parts on the batch axis part-major (K·B rows) and runs the
@@ -77,6 +77,8 @@ class EMAE(nn.Module):
     activation memory is that of one part, at the price of re-running each forward once in
     backward. Losses and gradients are the same in both modes (a [choice] of docs/methods/emae.md).
     """
+
+    section = "emae"
 
     def __init__(
         self,
@@ -116,7 +118,7 @@ class EMAE(nn.Module):
         latent = self.model.encode_tokens(gather_tokens(tokens, masks.ids_keep))
         return self.model.forward_decoder(latent, masks.ids_restore)
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> dict:
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> ObjectiveOutput:
         batch = imgs.shape[0]
         parts = partition_masking(noise, self.total_parts)[: self.num_parts]
         tokens = self.model.embed(imgs)  # each image is embedded once, then gathered per part
@@ -132,13 +134,8 @@ class EMAE(nn.Module):
         loss_sc = self_consistency(preds, [m.mask for m in parts], self.sc_distance, self.sc_target)
         loss = loss_rec + self.sc_lambda(progress) * loss_sc
         rows = torch.arange(batch, device=imgs.device).repeat(self.num_parts)
-        return {"loss": loss, "loss_rec": loss_rec, "loss_sc": loss_sc,
-                "pred": preds[0], "mask": parts[0].mask,
-                "preds": torch.cat(preds), "masks": stack_masks(parts), "rows": rows}
+        return ObjectiveOutput(loss, {"loss_rec": loss_rec, "loss_sc": loss_sc}, preds[0], parts[0].mask,
+                               torch.cat(preds), stack_masks(parts), rows)
 
-    def after_step(self, progress: float) -> None:
-        """No state to update after a step."""
-
-    def eval_model(self) -> MaskedAutoencoderViT:
-        """The weights evaluation and export use."""
-        return self.model
+    def step_cost(self) -> float:
+        return float(self.num_parts)  # K encoder and decoder passes

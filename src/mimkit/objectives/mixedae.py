@@ -9,6 +9,8 @@ encoder output is then un-mixed and each image is decoded exactly as MAE.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -17,6 +19,7 @@ from torch import nn
 from mimkit.config import SegmentEmbed, choices
 from mimkit.masking import Masks, gather_tokens, mixing_masks, num_parts_for
 from mimkit.models.mae import MaskedAutoencoderViT
+from mimkit.objectives.base import Objective, ObjectiveOutput, section_kwargs
 
 SEGMENT_EMBEDS = choices(SegmentEmbed)
 
@@ -167,7 +170,7 @@ def unmix_tokens(x: torch.Tensor, ways: int) -> torch.Tensor:
     return torch.cat([cls, patches], dim=1)
 
 
-class MixedAE(nn.Module):
+class MixedAE(Objective):
     """MixedAE objective. ``ways`` images per mixed sample (0: K = 1/(1-mask_ratio)).
 
     Each image keeps L/K patches (part s of its group's partition), so with ``ways = K`` the
@@ -175,6 +178,8 @@ class MixedAE(nn.Module):
     weight) the objective is MAE. The projection head and segment embeddings live here, not
     in the model, so the model's state dict stays official-MAE compatible.
     """
+
+    section = "mixedae"
 
     def __init__(
         self,
@@ -190,7 +195,6 @@ class MixedAE(nn.Module):
         hc_proj_dim: int = 128,
         hc_prototype: bool = False,
         segment_embed: str = "none",
-        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -201,8 +205,6 @@ class MixedAE(nn.Module):
                 f"mixedae.ways={ways}: each image keeps L/K patches (K={self.num_parts} for "
                 f"mask_ratio={mask_ratio}), so at most K images fit one sequence"
             )
-        if batch_size is not None:
-            self.check_batch(batch_size)
         self.tokens_per_source = model.num_patches // self.num_parts
         self.topk = topk or self.tokens_per_source
         if self.topk > self.ways * self.tokens_per_source:
@@ -229,6 +231,13 @@ class MixedAE(nn.Module):
             # embedding); "encoder" adds it to the mixed tokens and so gives the grouping away.
             self.segment = nn.Parameter(torch.zeros(self.ways, dim))
             nn.init.normal_(self.segment, std=0.02)
+
+    @classmethod
+    def from_config(cls, model: MaskedAutoencoderViT, cfg: Any) -> MixedAE:
+        """As any base, and the batch is checked now rather than at the first step."""
+        objective = cls(model, cfg.mask_ratio, **section_kwargs(cfg, cls.section))
+        objective.check_batch(cfg.train.batch_size)
+        return objective
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size % self.ways:
@@ -264,7 +273,7 @@ class MixedAE(nn.Module):
                 attn_losses.append(homologous_attention_loss(logits, source))
         return self.model.norm(x), accs, attn_losses
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> dict:
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> ObjectiveOutput:
         self.check_batch(imgs.shape[0])
         masks = mixing_masks(noise, self.ways, self.num_parts)  # per image, from its group's noise
         tokens = self.model.embed(imgs)
@@ -284,26 +293,17 @@ class MixedAE(nn.Module):
         z = F.normalize(self.hc_head(latent_mixed[:, 1:]), dim=-1)
         loss_hc = homologous_contrastive(z, source, self.hc_temperature, self.hc_prototype, self.ways)
         loss = loss_rec + self.hc_weight * loss_hc
-        out = {"loss_rec": loss_rec, "loss_hc": loss_hc,
-               "pred": pred, "mask": masks.mask, "preds": pred, "masks": masks,
-               "rows": torch.arange(imgs.shape[0], device=imgs.device)}
+        terms = {"loss_rec": loss_rec, "loss_hc": loss_hc}
         if self.ways > 1:
-            out["acc_homologous_feat"] = feature_homologous_accuracy(z.detach(), source)
+            terms["acc_homologous_feat"] = feature_homologous_accuracy(z.detach(), source)
         if attn_losses:
-            out["loss_attn"] = torch.stack(attn_losses).mean()
+            terms["loss_attn"] = torch.stack(attn_losses).mean()
             # Skipped at weight 0 so that the objective's gradients are exactly those without it.
             if self.attn_weight:
-                loss = loss + self.attn_weight * out["loss_attn"]
-        out["loss"] = loss
+                loss = loss + self.attn_weight * terms["loss_attn"]
         if accs:
-            out["acc_homologous"] = torch.stack(accs).mean()
+            terms["acc_homologous"] = torch.stack(accs).mean()
         elif self.oracle and self.ways > 1:
-            out["acc_homologous"] = latent_mixed.new_ones(())
-        return out
-
-    def after_step(self, progress: float) -> None:
-        """No state to update after a step."""
-
-    def eval_model(self) -> MaskedAutoencoderViT:
-        """The model; its blocks are plain ViT blocks outside this objective."""
-        return self.model
+            terms["acc_homologous"] = latent_mixed.new_ones(())
+        rows = torch.arange(imgs.shape[0], device=imgs.device)
+        return ObjectiveOutput(loss, terms, pred, masks.mask, pred, masks, rows)

@@ -18,6 +18,7 @@ from mimkit.config import EmaSchedule, EvalWeights, TeacherMask, choices
 from mimkit.engine.schedule import cosine_increase
 from mimkit.masking import Masks, gather_tokens, mirror_masks
 from mimkit.models.mae import MaskedAutoencoderViT, masked_mean
+from mimkit.objectives.base import Objective, ObjectiveOutput, Wrapper
 
 SCHEDULES, TEACHER_MASKS, EVAL_WEIGHTS = choices(EmaSchedule), choices(TeacherMask), choices(EvalWeights)
 
@@ -62,16 +63,18 @@ def teacher_predict(teacher: MaskedAutoencoderViT, imgs: torch.Tensor, masks: Ma
     return teacher.forward_decoder(teacher.encode_tokens(tokens), masks.ids_restore)
 
 
-class EMATeacher(nn.Module):
+class EMATeacher(Wrapper):
     """Any base objective + an EMA teacher and its consistency loss ``loss_teacher``.
 
     ``teacher`` is a frozen copy of the base's MAE (encoder and decoder), kept in eval mode and
     updated after each optimizer step by :meth:`after_step`. ``model`` is the base's student.
     """
 
+    section = "teacher"
+
     def __init__(
         self,
-        base: nn.Module,
+        base: Objective,
         weight: float = 1.0,
         momentum: float = 0.996,
         momentum_end: float = 1.0,
@@ -80,12 +83,11 @@ class EMATeacher(nn.Module):
         eval_weights: str = "teacher",
         max_window: float = 0.05,
     ) -> None:
-        super().__init__()
+        super().__init__(base)
         for name, value, allowed in (("schedule", schedule, SCHEDULES), ("mask", mask, TEACHER_MASKS),
                                      ("eval_weights", eval_weights, EVAL_WEIGHTS)):
             if value not in allowed:
                 raise ValueError(f"teacher.{name}: unknown '{value}'; choose from {', '.join(allowed)}")
-        self.base = base
         self.teacher = copy.deepcopy(base.model).requires_grad_(False).eval()
         self.weight, self.momentum, self.momentum_end = weight, momentum, momentum_end
         self.schedule, self.mask, self.eval_weights = schedule, mask, eval_weights
@@ -94,32 +96,27 @@ class EMATeacher(nn.Module):
         self.max_window = max_window
         self._step_progress: float | None = None  # progress seen by the current step's forward
 
-    @property
-    def model(self) -> MaskedAutoencoderViT:
-        """The student (registered once, under ``base``, so checkpoints hold it once)."""
-        return self.base.model
-
     def train(self, mode: bool = True) -> EMATeacher:
         """Train the base; the teacher always stays in eval mode (docs/methods/rcmae.md)."""
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> dict:
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, progress: float = 0.0) -> ObjectiveOutput:
         # after_step's progress minus this is one optimizer step (1/N) with no step count
         # passed in, and it survives resume (both come from the trainer's step counter).
         self._step_progress = progress
         out = self.base(imgs, noise, progress)
-        masks: Masks = out["masks"]
+        masks: Masks = out.masks
         # The teacher sees the same masks by default; "different" mirrors them, a pure function
         # of the same noise so that resume stays exact (docs/methods/rcmae.md, masking.mirror_masks).
         teacher_masks = mirror_masks(masks) if self.mask == "different" else masks
-        target = teacher_predict(self.teacher, imgs[out["rows"]], teacher_masks)
+        target = teacher_predict(self.teacher, imgs[out.rows], teacher_masks)
         # The teacher's raw prediction is the target (already in norm-pix space), on the
         # student's masked patches with MAE's masked mean (docs/methods/rcmae.md).
-        loss_teacher = masked_mean((out["preds"] - target) ** 2, masks.mask)
-        out["loss"] = out["loss"] + self.weight * loss_teacher
-        out["loss_teacher"] = loss_teacher
+        loss_teacher = masked_mean((out.preds - target) ** 2, masks.mask)
+        out.loss = out.loss + self.weight * loss_teacher
+        out.terms["loss_teacher"] = loss_teacher
         return out
 
     def momentum_at(self, progress: float, step: float = 0.0) -> float:
@@ -144,3 +141,10 @@ class EMATeacher(nn.Module):
     def eval_model(self) -> MaskedAutoencoderViT:
         """The teacher by default (RC-MAE evaluates the teacher), else the student."""
         return self.teacher if self.eval_weights == "teacher" else self.model
+
+    def extra_state(self) -> dict[str, nn.Module]:
+        """Both views, so either can be evaluated from the checkpoint (docs/methods/rcmae.md)."""
+        return {**self.base.extra_state(), "student": self.model, "teacher": self.teacher}
+
+    def step_cost(self) -> float:
+        return self.base.step_cost() + 1 / 3  # a teacher forward, about a third of forward + backward

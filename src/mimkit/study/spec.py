@@ -18,6 +18,7 @@ from mimkit.config import (
     read_yaml,
     validate,
 )
+from mimkit.objectives import parse_method
 
 STUDY_DIR = PRESET_DIR / "studies"
 FROZEN = ("knn_top1", "linprobe_top1")  # evaluated at every point along a run, on cached features
@@ -155,7 +156,7 @@ def validate_spec(s: StudySpec, base: Config) -> None:
         if not a.seeds:
             raise ConfigError(f"study.arms: arm '{a.name}' has no seeds")
         try:
-            arm_config(base, a)
+            parse_method(arm_config(base, a).method)
         except ConfigError as e:
             raise ConfigError(f"study.arms '{a.name}': {e}") from None
 
