@@ -42,7 +42,7 @@ from mimkit.engine.summary import log_run_summary
 from mimkit.errors import DataError, MimkitError, RunError
 from mimkit.eval.knn import knn_monitor
 from mimkit.models import model_from_config
-from mimkit.objectives import build_objective
+from mimkit.objectives import build_objective, parse_method
 
 log = logging.getLogger("mimkit")
 
@@ -211,6 +211,7 @@ def pretrain(cfg: Config | None, run_dir: str | Path, resume: bool = False,
 def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     t = cfg.train
     info, device = init_distributed(t.device)
+    parse_method(cfg.method)  # a misspelt method fails now, not after scanning a large folder
     # Before the config is saved: it may fill data.mean/std (data.stats=compute) and fit the batch.
     dataset = pretrain_dataset(cfg, info.world_size)
     torch.manual_seed(t.seed)
