@@ -70,6 +70,7 @@ class BenchSpec:
     iters: int = 5
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: every core
     seed: int = 0
+    profile: int = 0  # > 0: after timing, this many steps under torch.profiler (phase breakdown)
 
     def config_overrides(self) -> list[str]:
         """``key=value`` overrides that turn the spec into a mimkit :class:`~mimkit.config.Config`."""
@@ -317,13 +318,16 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def step() -> torch.Tensor:
-        with autocast:
+    def step(ranges: bool = False) -> torch.Tensor:
+        phase = torch.profiler.record_function if ranges else (lambda name: nullcontext())
+        with phase("forward"), autocast:
             loss = built.call(runner, imgs, noise)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        built.after_step()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            built.after_step()
         return loss.detach()
 
     # FLOPs and saved activations of one eager forward + backward (untimed; gradients dropped).
@@ -386,6 +390,8 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
                    mem_method="VmHWM - VmRSS after set-up" + ("" if peak_reset else " (VmHWM could not be reset)"),
                    cpu_s_per_step=cpu_s / spec.iters,
                    device_name=platform.processor() or platform.machine())
+    if spec.profile:
+        row["profile"] = profile_steps(module, lambda: step(ranges=True), sync, device, spec.profile)
     median = statistics.median(times)
     row.update(
         ms_per_step=median * 1e3, ms_per_step_mean=total_s / spec.iters * 1e3, ms_per_step_min=min(times) * 1e3,
@@ -400,6 +406,87 @@ def run_worker(spec: BenchSpec, impl: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Orchestration: one subprocess per implementation and round
 # --------------------------------------------------------------------------------------------
+
+
+def _phase_modules(module: Any) -> dict[str, tuple[Any, Any]]:
+    """(first, last) submodule of each forward phase: mimkit's MAE (inside any objective) or
+    transformers' ViTMAE. The encoder includes the patch embedding and masking gather."""
+    model = getattr(module, "model", module)
+    if hasattr(model, "decoder_pred"):  # mimkit MaskedAutoencoderViT
+        return {"forward: encoder": (model.patch_embed, model.norm),
+                "forward: decoder": (model.decoder_embed, model.decoder_pred)}
+    if hasattr(model, "vit") and hasattr(model, "decoder"):  # transformers ViTMAEForPreTraining
+        return {"forward: encoder": (model.vit, model.vit), "forward: decoder": (model.decoder, model.decoder)}
+    return {}
+
+
+def profile_steps(module: Any, step: Callable[[], Any], sync: Callable[[], None], device: Any,
+                  steps: int) -> dict[str, Any]:
+    """``steps`` optimizer steps under ``torch.profiler``: time per step in each phase (forward's
+    encoder and decoder, the rest of forward = masking, targets and loss; backward; optimizer) and
+    the top operators by self time. Device time on CUDA, CPU time otherwise."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    open_ranges: dict[str, Any] = {}
+    handles = []
+    for name, (first, last) in _phase_modules(module).items():
+        def enter(*_, name=name):
+            open_ranges[name] = record_function(name).__enter__()
+
+        def leave(*_, name=name):
+            open_ranges.pop(name).__exit__(None, None, None)
+
+        handles += [first.register_forward_pre_hook(enter), last.register_forward_hook(leave)]
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync()
+    finally:
+        for h in handles:
+            h.remove()
+
+    def total(e) -> float:  # microseconds
+        if cuda:
+            return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
+        return float(e.cpu_time_total)
+
+    def self_time(e) -> float:
+        if cuda:
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    events = {e.key: e for e in prof.key_averages()}
+    ms = {k: total(events[k]) / steps / 1e3 for k in ("forward", "forward: encoder", "forward: decoder",
+                                                         "backward", "optimizer") if k in events}
+    if "forward" in ms:
+        ms["forward: masking, targets, loss"] = ms["forward"] - ms.get("forward: encoder", 0.0) \
+            - ms.get("forward: decoder", 0.0)
+    ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")), key=self_time, reverse=True)
+    gather = sum(self_time(e) for e in ops if any(w in e.key for w in ("gather", "scatter", "index")))
+    return {"steps": steps, "clock": "device" if cuda else "cpu", "ms_per_step": ms,
+            "gather_scatter_index_ms": gather / steps / 1e3,
+            "top_ops": [{"op": e.key, "self_ms_per_step": self_time(e) / steps / 1e3} for e in ops[:12]]}
+
+
+def format_profile(row: dict[str, Any]) -> str:
+    """Markdown: one implementation's phase breakdown and top operators."""
+    prof = row["profile"]
+    ms = prof["ms_per_step"]
+    step = ms.get("forward", 0.0) + ms.get("backward", 0.0) + ms.get("optimizer", 0.0)
+    lines = [f"{row['impl']}: {prof['clock']} time per step, {prof['steps']} profiled steps", "",
+             "| phase | ms / step | share |", "|---|---|---|"]
+    for key in ("forward: encoder", "forward: decoder", "forward: masking, targets, loss", "backward",
+                "optimizer"):
+        if key in ms:
+            lines.append(f"| {key} | {ms[key]:.2f} | {ms[key] / step:.1%} |")
+    lines += [f"| (gather / scatter / index ops, all phases) | {prof['gather_scatter_index_ms']:.2f} "
+              f"| {prof['gather_scatter_index_ms'] / step:.1%} |", "",
+              "| operator | self ms / step |", "|---|---|"]
+    lines += [f"| {o['op']} | {o['self_ms_per_step']:.2f} |" for o in prof["top_ops"]]
+    return "\n".join(lines)
 
 
 def _spawn(spec: BenchSpec, impl: str, timeout: float | None) -> dict[str, Any]:
@@ -839,6 +926,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds per implementation run")
     p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps: encoder, decoder, loss, backward, optimizer")
     p.add_argument("--trainer", action="store_true",
                    help="time the real trainer loop (--config, its data and workers) against the bench step")
     p.add_argument("--config", default="fmnist_tiny", help="--trainer: preset or YAML file (overrides apply)")
@@ -876,6 +965,10 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
                        in_process=args.in_process, variants=args.variant)
     print(describe(spec))
     print(format_table(report))
+    for row in report["results"]:
+        if "profile" in row:
+            print()
+            print(format_profile(row))
     return _save_json(report, args.json)
 
 

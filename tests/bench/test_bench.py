@@ -133,3 +133,15 @@ def test_trainer_bench_times_the_real_loop_against_the_step(tmp_path, capsys, ti
     assert report["trainer_vs_bench"] == pytest.approx(report["trainer_images_per_s"] / report["bench_images_per_s"])
     assert 0 <= report["trainer_data_share"] < 1 and report["config"]["data"] == "synthetic"
     assert "| trainer:" in capsys.readouterr().out
+
+
+def test_profile_breaks_the_step_into_phases(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert main(["bench", *TINY, "--impl", "mimkit", "--in-process", "--profile", "1", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["results"][0]["profile"]
+    ms = prof["ms_per_step"]
+    for key in ("forward", "forward: encoder", "forward: decoder", "backward", "optimizer"):
+        assert ms[key] > 0, key
+    assert ms["forward: encoder"] + ms["forward: decoder"] <= ms["forward"]  # the phases nest in forward
+    assert prof["top_ops"] and all(o["op"].startswith("aten::") for o in prof["top_ops"])
+    assert "| forward: decoder |" in capsys.readouterr().out
