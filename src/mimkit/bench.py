@@ -857,7 +857,7 @@ def run_trainer_bench(cfg: Any, warmup: int = 5, iters: int = 20, log: Callable[
     cfg = copy.deepcopy(cfg)
     t = cfg.train
     t.max_steps, t.log_every, t.checkpoint_every = warmup + iters, 1, warmup + iters
-    t.knn_every, t.vis_every, t.seed = 0, 0, 0
+    t.knn_every, t.vis_every = 0, 0
     validate(cfg)
     spec = spec_for_config(cfg, warmup=2, iters=iters)
     log(f"bench step: {describe(spec)}")

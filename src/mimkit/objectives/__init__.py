@@ -72,7 +72,7 @@ def build_objective(cfg: Config, model: MaskedAutoencoderViT) -> Objective:
     try:  # shape errors that need the model (K vs L, batch vs r) name their key
         objective = base_cls.from_config(model, cfg)
         for wrapper_cls in wrapper_classes:
-            objective = wrapper_cls.wrap(objective, cfg)
+            objective = wrapper_cls.from_config(objective, cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return objective

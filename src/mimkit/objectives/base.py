@@ -99,8 +99,8 @@ class Wrapper(Objective):
         self.base = base
 
     @classmethod
-    def wrap(cls, base: Objective, cfg: Any) -> Wrapper:
-        """``cls(base, **cfg.<section>)``; override to read other keys."""
+    def from_config(cls, base: Objective, cfg: Any) -> Wrapper:  # type: ignore[override]
+        """``cls(base, **cfg.<section>)``: a wrapper is built around the base, not the model."""
         return cls(base, **section_kwargs(cfg, cls.section))
 
     @property
