@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement docs/benchmarks.md asks for, in one run of under 10 minutes on one
-# H100/H200 (a lent machine's whole budget is ~15 min). Results land in $OUT (at most 8 files):
+# H100/H200 (a lent machine's whole budget is ~15 min). Results land in $OUT:
 #   b16_bf16.json          ViT-B/16, bf16, batch 256: mimkit vs transformers, eager, + predict_ratio 0.25
 #   b16_bf16_compile.json  the same, torch.compile
 #   l16_bf16.json          ViT-L/16, bf16, batch 128, eager
 #   b16_profile.json       torch.profiler: encoder / decoder / loss / backward / optimizer (mimkit, transformers)
-#   jpeg_trainer.json      the real trainer on a folder of ImageNet-sized JPEGs against the synthetic step
+#   jpeg_decode.json       decode / decode+augment rates: pil, torchvision (1 core) and data.decode=device (GPU)
+#   jpeg_trainer.json      the real trainer on ImageNet-sized JPEGs, data.decode=device, against the synthetic step
+#   jpeg_trainer_pil.json  the same with data.decode=pil and 15 workers
 #   fsdp.json              train.strategy=fsdp on the GPU: a run cut by SIGTERM and resumed vs uninterrupted
 #   log.txt                everything printed
 # Usage (repository root): OUT=/some/dir bash benchmarks/gpu_session.sh
@@ -18,12 +20,12 @@ PY=${PYTHON:-python3}
 
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=(--device cpu --dtype fp32); B16=(--arch vit_tiny_small_images --img-size 32 --batch-size 8)
-  L16=("${B16[@]}"); ITERS=(--warmup 1 --iters 2); NJPEG=64; JBATCH=8; JWORKERS=1; TDEV=cpu
+  L16=("${B16[@]}"); ITERS=(--warmup 1 --iters 2); NJPEG=64; JBATCH=8; JWORKERS=1; TDEV=cpu; JDEV=cpu
   TMODEL=(model.arch=vit_tiny_small_images model.img_size=32)
   FSDP_MODEL=(model.arch=vit_tiny_small_images model.img_size=32 train.batch_size=4); ROUNDS=1
 else
   DEV=(--device cuda --dtype bf16); B16=(--batch-size 256); L16=(--arch vit_large_patch16 --batch-size 128)
-  ITERS=(--warmup 5 --iters 20); NJPEG=8192; JBATCH=256; JWORKERS=15; TDEV=cuda; TMODEL=()
+  ITERS=(--warmup 5 --iters 20); NJPEG=8192; JBATCH=256; JWORKERS=15; TDEV=cuda; TMODEL=(); JDEV=cuda
   FSDP_MODEL=(model.arch=vit_large_patch16 train.batch_size=32 train.amp=bf16); ROUNDS=2
 fi
 # FSDP2 on the GPU: 12 steps straight, against 12 steps cut by SIGTERM after the first checkpoint
@@ -63,17 +65,17 @@ step() {  # step NAME SECONDS COMMAND...: one measurement; a failure or timeout 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
 
-step "ViT-B/16 eager" 100 $PY -m mimkit bench "${DEV[@]}" "${B16[@]}" "${ITERS[@]}" --rounds $ROUNDS \
+step "ViT-B/16 eager" 80 $PY -m mimkit bench "${DEV[@]}" "${B16[@]}" "${ITERS[@]}" --rounds $ROUNDS \
   --impl mimkit hf --variant decoder.predict_ratio=0.25 --json "$OUT/b16_bf16.json"
-step "ViT-B/16 compiled" 130 $PY -m mimkit bench "${DEV[@]}" "${B16[@]}" "${ITERS[@]}" --compile \
+step "ViT-B/16 compiled" 110 $PY -m mimkit bench "${DEV[@]}" "${B16[@]}" "${ITERS[@]}" --compile \
   --impl mimkit hf --json "$OUT/b16_bf16_compile.json"
-step "ViT-L/16 eager" 90 $PY -m mimkit bench "${DEV[@]}" "${L16[@]}" "${ITERS[@]}" \
+step "ViT-L/16 eager" 60 $PY -m mimkit bench "${DEV[@]}" "${L16[@]}" "${ITERS[@]}" \
   --impl mimkit hf --json "$OUT/l16_bf16.json"
-step "ViT-B/16 profile" 60 $PY -m mimkit bench "${DEV[@]}" "${B16[@]}" --warmup 3 --iters 3 --profile 5 \
+step "ViT-B/16 profile" 45 $PY -m mimkit bench "${DEV[@]}" "${B16[@]}" --warmup 3 --iters 3 --profile 5 \
   --impl mimkit hf --in-process --json "$OUT/b16_profile.json"
 
 JPEGS=$(mktemp -d)/jpegs
-step "write $NJPEG JPEGs" 60 $PY - "$JPEGS" "$NJPEG" <<'EOF'
+step "write $NJPEG JPEGs" 40 $PY - "$JPEGS" "$NJPEG" <<'EOF'
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -85,10 +87,15 @@ with ProcessPoolExecutor(chunks) as pool:
                   [(500, 375)] * chunks, [90] * chunks, range(chunks)))
 print(sum(1 for _ in root.rglob("*.jpg")), "JPEGs in", root)
 EOF
-step "trainer from JPEGs" 120 $PY -m mimkit bench --trainer --config mae_vit_base_patch16 data.root="$JPEGS" \
-  data.val_fraction=0.02 train.batch_size=$JBATCH train.accum_iter=1 data.num_workers=$JWORKERS train.device=$TDEV train.loggers=[] \
-  "${TMODEL[@]}" --warmup 8 --iters 20 --json "$OUT/jpeg_trainer.json"
+step "JPEG decode rates" 25 $PY -m mimkit bench --jpeg --jpeg-dir "$JPEGS/part00" --img-size 224 --rounds 2 \
+  --jpeg-device $JDEV --json "$OUT/jpeg_decode.json"
+TRAIN_JPEG=(--trainer --config mae_vit_base_patch16 data.root="$JPEGS" data.val_fraction=0.02 train.batch_size=$JBATCH
+            train.accum_iter=1 data.num_workers=$JWORKERS train.device=$TDEV train.loggers=[] "${TMODEL[@]}")
+step "trainer from JPEGs, decoded on the device" 60 $PY -m mimkit bench "${TRAIN_JPEG[@]}" data.decode=device \
+  --warmup 8 --iters 20 --json "$OUT/jpeg_trainer.json"
+step "trainer from JPEGs, decoded by PIL workers" 60 $PY -m mimkit bench "${TRAIN_JPEG[@]}" data.decode=pil \
+  --warmup 8 --iters 20 --json "$OUT/jpeg_trainer_pil.json"
 
-step "FSDP2 resume" 100 bash "$0" --fsdp-check
+step "FSDP2 resume" 80 bash "$0" --fsdp-check
 echo "=== done $(date -u +%H:%M:%S)"
 ls -la "$OUT"

@@ -705,44 +705,62 @@ def write_jpeg_folder(root: str | Path, count: int, size: tuple[int, int] = (500
     return paths
 
 
-def jpeg_pipelines(img_size: int) -> dict[str, tuple[Callable[[Path], Any], Callable[[Path], Any]]]:
-    """name -> (decode only, decode + RandomResizedCrop + flip + normalise) on one file path.
+def jpeg_pipelines(img_size: int, device: str | None = None, batch: int = 256,
+                   ) -> dict[str, tuple[Callable[[list[Path]], Any], Callable[[list[Path]], Any]]]:
+    """name -> (decode only, decode + RandomResizedCrop + flip + normalise) over a list of paths:
+    the library's ``data.decode`` paths (:mod:`mimkit.data.decode`), file reading included.
 
-    ``pil``: the library's folder path (:class:`~mimkit.data.datasets.ImageFolderDataset`
-    loading, :func:`~mimkit.data.transforms.pretrain_transform`). ``torchvision``: the file's
-    bytes through ``torchvision.io.decode_jpeg`` and the same augmentation with
-    ``torchvision.transforms.v2`` on the uint8 tensor (bicubic, antialiased, as PIL).
+    ``pil`` and ``torchvision`` are the per-image worker transforms; ``device`` (when ``device``
+    is given) reads the files and draws the boxes as a worker does, then decodes and augments
+    batches of ``batch`` on ``device`` (waiting for the device at the end).
     """
     import torch
-    from PIL import Image
-    from torchvision import io
-    from torchvision.transforms import v2
+    from torchvision.io import ImageReadMode, decode_jpeg
 
+    from mimkit.data.datasets import EncodedFile, load_image
+    from mimkit.data.decode import DeviceAugment, DeviceBatch, DeviceCrop, TensorCrop, decode_bytes
     from mimkit.data.transforms import pretrain_transform
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     pil_aug = pretrain_transform(img_size, mean, std, 3)
+    tv_aug = TensorCrop(img_size, mean, std, 3)
 
-    def pil_decode(path: Path):
-        with Image.open(path) as img:
-            return img.convert("RGB")  # as ImageFolderDataset._load
+    def file(path: Path) -> EncodedFile:
+        return EncodedFile(path.read_bytes(), str(path))
 
-    tv_aug = v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
-    ])
+    def each(fn: Callable[[Path], Any]) -> Callable[[list[Path]], Any]:
+        return lambda paths: [fn(p) for p in paths]
 
-    def tv_decode(path: Path):
-        return io.decode_jpeg(io.read_file(str(path)), mode=io.ImageReadMode.RGB)
+    out = {"pil": (each(lambda p: load_image(p, "RGB")), each(lambda p: pil_aug(load_image(p, "RGB")))),
+           "torchvision": (each(lambda p: decode_bytes(file(p), 3)), each(lambda p: tv_aug(file(p))))}
+    if device is not None:
+        dev = torch.device(device)
+        crop, aug = DeviceCrop(3), DeviceAugment(img_size, mean, std, 3)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    return {"pil": (pil_decode, lambda p: pil_aug(pil_decode(p))),
-            "torchvision": (tv_decode, lambda p: tv_aug(tv_decode(p)))}
+        def chunks(paths: list[Path]):
+            return (paths[i:i + batch] for i in range(0, len(paths), batch))
+
+        def dev_decode(paths: list[Path]):
+            for part in chunks(paths):
+                datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in part]
+                decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
+            sync()
+
+        def dev_augment(paths: list[Path]):
+            for part in chunks(paths):
+                aug(DeviceBatch([crop(file(p)) for p in part]), dev)
+            sync()
+
+        out["device"] = (dev_decode, dev_augment)
+    return out
 
 
 def run_jpeg_bench(root: str | Path | None = None, count: int = 128, img_size: int = 224, rounds: int = 3,
-                   threads: int = 1, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Images/s of each :func:`jpeg_pipelines` path over a folder of JPEGs, on ``threads`` threads.
+                   threads: int = 1, seed: int = 0, log: Callable[[str], None] = print,
+                   device: str | None = None) -> dict[str, Any]:
+    """Images/s of each :func:`jpeg_pipelines` path over a folder of JPEGs, on ``threads`` threads
+    (and, with ``device``, the ``data.decode=device`` path on that device).
 
     Writes ``count`` JPEGs to ``root`` (a temporary folder when None) unless it already holds
     JPEGs. Every (path, stage) pass is repeated ``rounds`` times, alternating, and the fastest
@@ -765,15 +783,16 @@ def run_jpeg_bench(root: str | Path | None = None, count: int = 128, img_size: i
         sizes = [p.stat().st_size for p in paths]
         for p in paths:  # the page cache holds them: decoding is timed, not the disk
             p.read_bytes()
-        pipelines = jpeg_pipelines(img_size)
+        pipelines = jpeg_pipelines(img_size, device)
+        if device is not None:  # first use of the device (context, nvJPEG handles) is not timed
+            pipelines["device"][1](paths[:2])
         best: dict[tuple[str, str], dict] = {}
         for r in range(rounds):
             for name, stages in pipelines.items():
                 for stage, fn in zip(("decode", "decode+augment"), stages, strict=True):
                     torch.manual_seed(seed + r)
                     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-                    for p in paths:
-                        fn(p)
+                    fn(paths)
                     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
                     row = {"path": name, "stage": stage, "images_per_s": len(paths) / wall,
                            "images_per_cpu_s": len(paths) / cpu, "round": r}
@@ -784,6 +803,7 @@ def run_jpeg_bench(root: str | Path | None = None, count: int = 128, img_size: i
     return {
         "images": len(paths), "mean_kib": sum(sizes) / len(sizes) / 1024, "img_size": img_size,
         "threads": threads, "rounds": rounds, "rounds_rule": "fastest round per path and stage",
+        "device": device,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "torchvision": torchvision.__version__, "pillow": pil_version,
                         "platform": platform.platform(), "cpu": platform.processor() or platform.machine()},
@@ -935,6 +955,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: time JPEG decoding + augmentation per core (PIL vs torchvision.io)")
     p.add_argument("--jpeg-dir", default=None, help="--jpeg: folder of .jpg files (default: write a temporary one)")
     p.add_argument("--jpeg-count", type=int, default=128, help="--jpeg: how many JPEGs to write")
+    p.add_argument("--jpeg-device", default=None,
+                   help="--jpeg: also time data.decode=device on this device (cuda; cpu works, for a check)")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocesses (quick checks; peak-memory readings then mix)")
 
@@ -976,7 +998,7 @@ def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     """``mimkit bench --jpeg``: decode + augmentation rates, printed and optionally saved."""
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
     report = run_jpeg_bench(args.jpeg_dir, args.jpeg_count, args.img_size, max(args.rounds, 1),
-                            args.threads or 1, args.seed, log)
+                            args.threads or 1, args.seed, log, device=args.jpeg_device)
     print(f"{report['images']} JPEGs (mean {report['mean_kib']:.0f} KiB) -> {report['img_size']} px crops, "
           f"{report['threads']} thread(s), fastest of {report['rounds']} rounds")
     print(format_jpeg_table(report))

@@ -25,6 +25,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 # Allowed values, spelled once: the config coercion checks them (with "did you mean"), and the
 # modules that take them use these aliases and :func:`choices`.
 OnCorrupt = Literal["error", "skip"]
+Decode = Literal["pil", "torchvision", "device"]
 DataStats = Literal["dataset", "imagenet", "compute"]
 DecoderKind = Literal["self", "cross"]
 Amp = Literal["auto", "bf16", "fp16", "off"]
@@ -89,6 +90,7 @@ class DataConfig:
     min_steps_per_epoch: int = 1  # shrink accum, then batch, until an epoch has this many steps; 0: off
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
+    decode: Decode = "pil"  # pil | torchvision (tensor decode in workers) | device (on the GPU); docs/data.md
     num_workers: int = 4
     on_corrupt: OnCorrupt = "error"  # error | skip
     synthetic_size: int = 512

@@ -90,28 +90,28 @@ def test_variants_are_timed_against_plain_mimkit(tmp_path, capsys):
     assert "decoder.predict_ratio" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29 -> TorchCodec
 def test_jpeg_bench_paths_agree_and_report(tmp_path, capsys):
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
     paths = bench.write_jpeg_folder(tmp_path / "jpgs", 2, size=(64, 48))
     assert [p.suffix for p in paths] == [".jpg", ".jpg"]
-    pipes = bench.jpeg_pipelines(32)
-    for _decode, augment in pipes.values():
-        assert augment(paths[1]).shape == (3, 32, 32) and augment(paths[1]).dtype == torch.float32
+    pipes = bench.jpeg_pipelines(32, device="cpu")
+    for name in ("pil", "torchvision"):
+        out = pipes[name][1](paths)
+        assert len(out) == 2 and out[1].shape == (3, 32, 32) and out[1].dtype == torch.float32
     # both decoders read the same pixels (libjpeg-turbo in each; IDCT rounding may differ by 1)
-    pil = torch.from_numpy(np.array(pipes["pil"][0](paths[1]))).permute(2, 0, 1)
-    tv = pipes["torchvision"][0](paths[1])
+    pil = torch.from_numpy(np.array(pipes["pil"][0](paths)[1])).permute(2, 0, 1)
+    tv = pipes["torchvision"][0](paths)[1]
     assert tv.shape == pil.shape == (3, 64, 48)
     assert (tv.int() - pil.int()).abs().max() <= 1
     out = tmp_path / "jpeg.json"
     assert main(["bench", "--jpeg", "--jpeg-dir", str(tmp_path / "jpgs"), "--img-size", "32",
-                 "--json", str(out)]) == 0
+                 "--jpeg-device", "cpu", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["images"] == 2 and report["threads"] == 1
+    assert report["images"] == 2 and report["threads"] == 1 and report["device"] == "cpu"
     assert {(r["path"], r["stage"]) for r in report["results"]} == {
-        (p, s) for p in ("pil", "torchvision") for s in ("decode", "decode+augment")}
-    assert "| torchvision | decode+augment |" in capsys.readouterr().out
+        (p, s) for p in ("pil", "torchvision", "device") for s in ("decode", "decode+augment")}
+    assert "| device | decode+augment |" in capsys.readouterr().out
 
 
 def test_trainer_bench_times_the_real_loop_against_the_step(tmp_path, capsys, tiny_overrides):

@@ -100,6 +100,21 @@ def test_resume_refuses_overrides_that_change_the_checkpoints_meaning(tmp_path, 
     assert [s for s, _ in list_checkpoints(run)][-1] == 3
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path, tiny_overrides):
+    # Runs begun by an older mimkit lack keys added since (here data.decode); they mean the default.
+    from mimkit.engine.checkpoint import atomic_save, load_file
+
+    run = pretrain(load_config(None, tiny_overrides + ["train.max_steps=2"]), tmp_path / "r")
+    step, path = list_checkpoints(run)[-1]
+    state = load_file(path)
+    del state["config"]["data"]["decode"]
+    atomic_save(state, path)
+    with pytest.raises(RunError, match="data.decode would change from 'pil' to 'device'"):
+        pretrain(None, run, resume=True, overrides=["data.decode=device"])
+    run = pretrain(None, run, resume=True, overrides=["train.max_steps=3"])
+    assert [s for s, _ in list_checkpoints(run)][-1] == 3
+
+
 def test_failing_side_work_is_a_warning_and_the_checkpoint_is_written(tmp_path, tiny_overrides,
                                                                        monkeypatch, caplog):
     import mimkit.engine.trainer as trainer

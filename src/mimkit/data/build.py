@@ -28,9 +28,11 @@ from .datasets import (
     Transform,
     dataset_stats,
     load_torchvision,
+    reads_bytes,
     split_folder,
     split_indices,
 )
+from .decode import DeviceAugment, DeviceCrop, TensorCrop
 from .shards import ShardDataset, has_split
 from .sources import IN_PROCESS, TORCHVISION, canonical_name
 
@@ -45,6 +47,7 @@ class WithNoise:
 
     def __init__(self, transform, num_patches: int) -> None:
         self.transform, self.num_patches = transform, num_patches
+        self.reads_bytes = reads_bytes(transform)
 
     def __call__(self, img):
         return self.transform(img), torch.rand(self.num_patches)
@@ -224,14 +227,34 @@ def fit_batch(cfg, n: int, world_size: int = 1) -> None:
                 n // (t.batch_size * world_size * t.accum_iter), m)
 
 
+def pretrain_augmentation(cfg):
+    """The per-sample pre-training transform of ``data.decode`` (:mod:`mimkit.data.decode`)."""
+    from .transforms import pretrain_transform
+
+    d, size, chans = cfg.data, cfg.model.img_size, cfg.model.in_chans
+    mean, std = stats_for(cfg)
+    if d.decode == "torchvision":
+        return TensorCrop(size, mean, std, chans, scale=d.crop_scale, hflip=d.hflip)
+    if d.decode == "device":
+        return DeviceCrop(chans, scale=d.crop_scale, hflip=d.hflip)
+    return pretrain_transform(size, mean, std, chans, scale=tuple(d.crop_scale), hflip=d.hflip)
+
+
+def device_augmentation(cfg) -> DeviceAugment | None:
+    """What finishes a batch on the training device: :class:`DeviceAugment` for
+    ``data.decode=device``, else None (the workers deliver finished images)."""
+    if cfg.data.decode != "device":
+        return None
+    mean, std = stats_for(cfg)
+    return DeviceAugment(cfg.model.img_size, mean, std, cfg.model.in_chans)
+
+
 def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -> SeededDataset:
     """The seeded pre-training set (``(image, noise), label`` per sample) of ``cfg``'s train split.
 
     Fills ``data.mean``/``data.std`` for ``data.stats=compute`` and fits the batch
     (:func:`fit_batch`), both in ``cfg``: call it before the config is saved.
     """
-    from .transforms import pretrain_transform
-
     d = cfg.data
     if val_fraction(cfg) == 0 and not has_test_split(d.name, d.root):
         # Fail now rather than after training: reconstruction grids and evaluation need held-out images.
@@ -242,9 +265,7 @@ def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -
         d.mean, d.std = compute_stats(cfg)
         log.info("data.stats=compute: mean %s, std %s (seeded sample of up to %d training images, %.1f s; "
                  "saved in the run's config)", d.mean, d.std, STATS_SAMPLES, time.perf_counter() - t0)
-    mean, std = stats_for(cfg)
-    transform = pretrain_transform(cfg.model.img_size, mean, std, cfg.model.in_chans,
-                                   scale=tuple(d.crop_scale), hflip=d.hflip)
+    transform = pretrain_augmentation(cfg)
     base = dataset_from_config(cfg, "train", WithNoise(transform, num_patches or num_patches_of(cfg)))
     fit_batch(cfg, len(base), world_size)
     return SeededDataset(base, cfg.train.seed)

@@ -18,6 +18,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -169,6 +170,21 @@ def split_folder(root: Path, split: str) -> Path | None:
     return next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
 
 
+@dataclass(frozen=True)
+class EncodedFile:
+    """An image file's bytes, not decoded, and the name errors give it. The data sets hand one to
+    a transform that sets ``reads_bytes = True`` (``data.decode`` other than pil,
+    :mod:`mimkit.data.decode`) instead of a PIL image."""
+
+    data: bytes
+    where: str
+
+
+def reads_bytes(transform: Transform) -> bool:
+    """Whether ``transform`` takes an :class:`EncodedFile` rather than a PIL image."""
+    return bool(getattr(transform, "reads_bytes", False))
+
+
 def load_image(source: str | os.PathLike | IO[bytes], mode: str, where: str | None = None) -> Image.Image:
     """Decode an image (file or stream) fully into ``mode`` ("L" or "RGB").
 
@@ -231,6 +247,12 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
+        if reads_bytes(self.transform):
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise CorruptImageError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+            return self.transform(EncodedFile(data, str(path))), label
         img = load_image(path, self._mode)
         return (self.transform(img) if self.transform is not None else img), label
 

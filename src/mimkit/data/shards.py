@@ -29,7 +29,15 @@ from torch.utils.data import Dataset
 
 from mimkit.errors import DataError
 
-from .datasets import IMAGE_EXTENSIONS, CorruptImageError, ImageFolderDataset, Transform, load_image
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    EncodedFile,
+    ImageFolderDataset,
+    Transform,
+    load_image,
+    reads_bytes,
+)
 from .sources import check_in_chans
 
 logger = logging.getLogger("mimkit")
@@ -225,5 +233,8 @@ class ShardDataset(Dataset):
         where = f"shard {sample.get('__shard__')} key {sample.get('__key__')}"
         if ext is None:
             raise CorruptImageError(f"{where}: no image member")
+        if reads_bytes(self.transform):
+            file = EncodedFile(bytes(sample[ext].getvalue()), f"{where}{ext}")
+            return self.transform(file), int(self.labels[index])
         img = load_image(sample[ext], self._mode, f"{where}{ext}")
         return (self.transform(img) if self.transform is not None else img), int(self.labels[index])

@@ -22,15 +22,20 @@ SAFE_ON_RESUME = (
 
 
 def check_resume_compatible(saved: dict, new: dict, run: Path) -> None:
-    """Refuse a resume whose config changes a key outside :data:`SAFE_ON_RESUME`, naming it."""
-    old, cur = flat_dict(saved), flat_dict(new)
+    """Refuse a resume whose config changes a key outside :data:`SAFE_ON_RESUME`, naming it.
+
+    A key the saved config lacks (added to mimkit after the run began) counts as its default."""
+    from mimkit.config import Config, to_dict
+
+    old, cur, default = flat_dict(saved), flat_dict(new), flat_dict(to_dict(Config()))
     for key in sorted(set(old) | set(cur)):
         if key in old and key not in cur:
             continue  # a key this version no longer has (renamed or removed)
-        if old.get(key) == cur.get(key) or key.startswith(SAFE_ON_RESUME):
+        was = old.get(key, default.get(key))
+        if was == cur.get(key) or key.startswith(SAFE_ON_RESUME):
             continue
         raise RunError(
-            f"--resume {run}: {key} would change from {old.get(key)!r} to {cur.get(key)!r}, which changes "
+            f"--resume {run}: {key} would change from {was!r} to {cur.get(key)!r}, which changes "
             "what the saved checkpoints mean; drop that override, or start a new run with another --out"
         )
 

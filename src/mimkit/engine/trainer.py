@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, config_yaml, to_dict
-from mimkit.data.build import pretrain_dataset
+from mimkit.data.build import device_augmentation, pretrain_dataset
+from mimkit.data.decode import collate_device
 from mimkit.data.sampler import ShardedEpochSampler
 from mimkit.engine import parallel
 from mimkit.engine.checkpoint import (
@@ -158,6 +159,7 @@ def step_loaders(dataset, cfg: Config, info, device: torch.device, step: int, st
         loader = iter(DataLoader(
             dataset, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda", drop_last=True,
+            collate_fn=collate_device if cfg.data.decode == "device" else None,
             prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
         ))
         try:
@@ -214,6 +216,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     parse_method(cfg.method)  # a misspelt method fails now, not after scanning a large folder
     # Before the config is saved: it may fill data.mean/std (data.stats=compute) and fit the batch.
     dataset = pretrain_dataset(cfg, info.world_size)
+    on_device = device_augmentation(cfg)  # data.decode=device: decode and crop on the device
     torch.manual_seed(t.seed)
     model = model_from_config(cfg)
     objective = build_objective(cfg, model).to(device)  # a bad method or shape fails before anything is saved
@@ -294,7 +297,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     t_data = time.perf_counter()
                     (imgs, noise), _ = next(loader)
                     data_time += time.perf_counter() - t_data
-                    imgs = imgs.to(device, non_blocking=True)
+                    imgs = on_device(imgs, device) if on_device else imgs.to(device, non_blocking=True)
                     noise = noise.to(device, non_blocking=True)
                     with parallel.grad_sync(net, t.strategy, info, sync=micro + 1 == t.accum_iter):
                         with autocast:
