@@ -735,7 +735,8 @@ def jpeg_pipelines(img_size: int, device: str | None = None, batch: int = 256,
            "torchvision": (each(lambda p: decode_bytes(file(p), 3)), each(lambda p: tv_aug(file(p))))}
     if device is not None:
         dev = torch.device(device)
-        crop, aug = DeviceCrop(3), DeviceAugment(img_size, mean, std, 3)
+        crop = DeviceCrop(3)
+        aug = DeviceAugment(img_size, mean, std, 3, num_patches=(img_size // 16) ** 2, seed=0)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
         def chunks(paths: list[Path]):
@@ -747,9 +748,15 @@ def jpeg_pipelines(img_size: int, device: str | None = None, batch: int = 256,
                 decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
             sync()
 
+        def samples(part: list[Path]):  # what DeviceDataset hands the loader (index, epoch 0)
+            out = [crop(file(p)) for p in part]
+            for i, sample in enumerate(out):
+                sample.index = i
+            return out
+
         def dev_augment(paths: list[Path]):
             for part in chunks(paths):
-                aug(DeviceBatch([crop(file(p)) for p in part]), dev)
+                aug(DeviceBatch.of(samples(part)), dev)
             sync()
 
         out["device"] = (dev_decode, dev_augment)

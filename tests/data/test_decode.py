@@ -1,5 +1,6 @@
-"""data.decode: pil | torchvision | device draw the same boxes, flips and masks; the device
-path's resampling convention; errors; exact resume through the trainer."""
+"""data.decode: pil and torchvision draw the same boxes, flips and masks; device draws them per
+batch from a per-sample hash (RandomResizedCrop's distribution); the device path's resampling
+convention; errors; exact resume through the trainer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from PIL import Image
 from mimkit.config import load_config
 from mimkit.data.build import pretrain_dataset
 from mimkit.data.datasets import CorruptImageError, EncodedFile
-from mimkit.data.decode import DeviceAugment, DeviceBatch, DeviceCrop, TensorCrop, collate_device, crop_box
+from mimkit.data.decode import (
+    DeviceAugment,
+    DeviceBatch,
+    DeviceCrop,
+    DeviceDataset,
+    TensorCrop,
+    batch_crop_boxes,
+    batch_uniforms,
+    collate_device,
+    crop_box,
+)
 from mimkit.data.transforms import pretrain_transform
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.trainer import pretrain
@@ -63,19 +74,70 @@ def test_torchvision_path_matches_pil_path_up_to_the_decoder_and_kernel():
         assert (got - want).abs().mul(torch.tensor(STD).view(3, 1, 1)).mean() < 0.25 / 255
 
 
-def test_device_path_on_cpu_matches_the_worker_paths_closely():
+def augment(**kw) -> DeviceAugment:
+    return DeviceAugment(24, MEAN, STD, 3, num_patches=4, seed=0, **kw)
+
+
+def test_device_crop_matches_the_worker_paths_closely_for_the_same_box():
     img = smooth_image()
     file = encoded(img, "JPEG")
-    aug = DeviceAugment(24, MEAN, STD, 3)
     for seed in range(4):
         torch.manual_seed(seed)
         want = TensorCrop(24, MEAN, STD, 3)(file)
         torch.manual_seed(seed)
+        box = crop_box(60, 80, (0.2, 1.0), True)
         sample = DeviceCrop(3)(file)
-        assert sample.jpeg is not None and sample.image is None
-        got = aug(DeviceBatch([sample]), torch.device("cpu"))[0]
-        # Same box and flip; area-averaged bilinear against bicubic: measured ~0.36 grey levels apart.
+        assert sample.jpeg is not None and sample.image is None and (sample.height, sample.width) == (60, 80)
+        aug = augment()
+        got = aug.crop(aug.decode(DeviceBatch.of([sample]), torch.device("cpu")), box[None], torch.device("cpu"))[0]
+        # Area-averaged bilinear against bicubic on a smooth picture: measured ~0.36 grey levels apart.
         assert (got - want).abs().mul(torch.tensor(STD).view(3, 1, 1)).mean() < 1 / 255
+
+
+def test_batch_uniforms_depend_on_seed_epoch_index_and_draw_only():
+    idx = torch.tensor([3, 7, 3, 1000000])
+    u = batch_uniforms(0, 2, idx, 50)
+    assert u.shape == (4, 50) and u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    assert torch.equal(u[0], u[2])  # the same sample, wherever it sits in a batch
+    assert torch.equal(batch_uniforms(0, 2, idx[1:2], 50)[0], u[1])
+    assert not torch.equal(u[0], u[1])
+    assert not torch.equal(batch_uniforms(1, 2, idx, 50), u) and not torch.equal(batch_uniforms(0, 3, idx, 50), u)
+    assert torch.equal(batch_uniforms(2**40 + 5, 0, idx, 3), batch_uniforms(2**40 + 5, 0, idx, 3))
+    big = batch_uniforms(0, 0, torch.arange(20000), 8).flatten()
+    assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    # no visible correlation between neighbouring samples or draws
+    grid = batch_uniforms(0, 0, torch.arange(20000), 2)
+    assert abs(torch.corrcoef(grid.T)[0, 1].item()) < 0.03
+    assert abs(torch.corrcoef(torch.stack([big[:-1], big[1:]]))[0, 1].item()) < 0.03
+
+
+def test_batch_crop_boxes_follow_random_resized_crop():
+    n = 4000
+    u = batch_uniforms(0, 0, torch.arange(n), 41)
+    h, w = torch.full((n,), 60), torch.full((n,), 80)
+    boxes = batch_crop_boxes(u, h, w, (0.2, 1.0), True)
+    top, left, ch, cw, flip = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= 60).all() and (left + cw <= 80).all()
+    area = (ch * cw).double() / (60 * 80)
+    assert area.min() >= 0.19 and area.max() <= 1.0
+    ratio = cw.double() / ch.double()
+    assert ratio.min() > 0.7 and ratio.max() < 1.45
+    assert abs(flip.double().mean().item() - 0.5) < 0.03
+    # the same distribution as torchvision's get_params (area and position means)
+    from torchvision import transforms as T
+
+    torch.manual_seed(0)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, 60, 80), [0.2, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)], dtype=torch.float64)
+    ref_area = ref[:, 2] * ref[:, 3] / (60 * 80)
+    assert abs(area.mean() - ref_area.mean()) < 0.02 and abs(top.double().mean() - ref[:, 0].mean()) < 1.0
+    assert torch.equal(batch_crop_boxes(u, h, w, (0.2, 1.0), False)[:, 4], torch.zeros(n, dtype=torch.int64))
+    # scale [1, 1]: the whole image, or a try that rounds to fit (79 x 60), as get_params does
+    full = batch_crop_boxes(u, h, w, (1.0, 1.0), False)
+    assert (full[:, 2] == 60).all() and set(full[:, 3].tolist()) == {79, 80}
+    # tries that never fit fall back to the centred crop at the clamped ratio
+    tall = batch_crop_boxes(u[:3], torch.full((3,), 90), torch.full((3,), 30), (1.0, 1.0), False)
+    assert tall.tolist() == [[25, 0, 40, 30, 0]] * 3  # ratio 3/4: 40 x 30, centred
 
 
 def test_device_resampling_convention_on_a_ramp():
@@ -83,10 +145,10 @@ def test_device_resampling_convention_on_a_ramp():
     # output pixel: output column j of a crop (left, w) must hold the ramp at left + (j + 0.5) w / S - 0.5.
     h, w, size = 40, 64, 16
     ramp = torch.arange(w, dtype=torch.float32).expand(1, h, w).round().to(torch.uint8)
-    aug = DeviceAugment(size, (0.0,), (1 / 255,), 1)  # normalise to the raw 0..255 values
+    aug = DeviceAugment(size, (0.0,), (1 / 255,), 1, num_patches=1, seed=0)  # output: raw 0..255 values
     for top, left, ch, cw, flip in [(0, 0, 40, 64, 0), (5, 10, 20, 32, 0), (3, 7, 8, 9, 1), (0, 20, 40, 40, 1)]:
-        box = torch.tensor([top, left, ch, cw, flip])
-        out = aug(DeviceBatch([_sample(ramp, box)]), torch.device("cpu"))[0, 0]
+        box = torch.tensor([[top, left, ch, cw, flip]])
+        out = aug.crop([ramp], box, torch.device("cpu"))[0, 0]
         cols = left + (torch.arange(size) + 0.5) * cw / size - 0.5
         want = cols.clamp(0, w - 1)
         if flip:
@@ -94,25 +156,21 @@ def test_device_resampling_convention_on_a_ramp():
         torch.testing.assert_close(out, want.expand(size, size), atol=1e-4, rtol=0)
 
 
-def _sample(image: torch.Tensor, box: torch.Tensor):
-    from mimkit.data.decode import DeviceSample
-
-    return DeviceSample(box, "ramp", image=image)
-
-
 def test_device_batch_mixes_jpeg_and_other_formats_and_sizes():
     files = [encoded(smooth_image(60, 80, 0)), encoded(smooth_image(80, 60, 1), "PNG", "b.png"),
              encoded(smooth_image(60, 80, 2)), encoded(smooth_image(33, 47, 3), "BMP", "c.bmp")]
-    torch.manual_seed(0)
     samples = [DeviceCrop(3)(f) for f in files]
     assert [s.jpeg is not None for s in samples] == [True, False, True, False]
-    items = [((s, torch.rand(4)), i) for i, s in enumerate(samples)]
-    (batch, noise), labels = collate_device(items)
-    out = DeviceAugment(24, MEAN, STD, 3)(batch, torch.device("cpu"))
-    assert out.shape == (4, 3, 24, 24) and noise.shape == (4, 4) and labels.tolist() == [0, 1, 2, 3]
-    for i, s in enumerate(samples):  # each image alone gives the same result as in the batch
-        alone = DeviceAugment(24, MEAN, STD, 3)(DeviceBatch([s]), torch.device("cpu"))[0]
-        torch.testing.assert_close(out[i], alone)
+    for i, s in enumerate(samples):
+        s.index, s.epoch = 10 + i, 1
+    (batch, noise), labels = collate_device([(s, i) for i, s in enumerate(samples)])
+    assert noise is None and labels.tolist() == [0, 1, 2, 3]
+    imgs, noise = augment()(batch, torch.device("cpu"))
+    assert imgs.shape == (4, 3, 24, 24) and noise.shape == (4, 4)
+    for i, s in enumerate(samples):  # each sample alone gives what it gave in the batch
+        alone, alone_noise = augment()(DeviceBatch.of([s]), torch.device("cpu"))
+        torch.testing.assert_close(imgs[i], alone[0])
+        assert torch.equal(noise[i], alone_noise[0])
 
 
 def test_a_truncated_jpeg_is_named():
@@ -120,9 +178,11 @@ def test_a_truncated_jpeg_is_named():
     bad = EncodedFile(good.data[: len(good.data) // 2], "photos/broken.jpg")
     with pytest.raises(CorruptImageError, match="photos/broken.jpg"):
         TensorCrop(24, MEAN, STD, 3)(bad)
-    sample = DeviceCrop(3)(bad)  # the header is fine: the device decoder finds it
+    samples = [DeviceCrop(3)(good), DeviceCrop(3)(bad)]  # the header is fine: the device decoder finds it
+    for i, s in enumerate(samples):
+        s.index = i
     with pytest.raises(CorruptImageError, match="photos/broken.jpg.*data.decode=torchvision"):
-        DeviceAugment(24, MEAN, STD, 3)(DeviceBatch([DeviceCrop(3)(good), sample]), torch.device("cpu"))
+        augment()(DeviceBatch.of(samples), torch.device("cpu"))
     with pytest.raises(CorruptImageError, match="photos/junk.jpg"):
         DeviceCrop(3)(EncodedFile(b"\xff\xd8\xff not a jpeg", "photos/junk.jpg"))
 
@@ -144,18 +204,24 @@ FOLDER = ["data.name=folder", "data.stats=imagenet", "data.num_workers=0", "mode
 
 
 @pytest.mark.parametrize("decode", ["pil", "torchvision", "device"])
-def test_all_decoders_crop_the_same_boxes_and_mask_the_same_patches(tmp_path, decode):
+def test_each_decoder_gives_a_similar_picture_of_each_sample(tmp_path, decode):
     root = _jpeg_folder(tmp_path / "photos")
-    cfg = load_config(None, [*FOLDER, f"data.root={root}", f"data.decode={decode}"])
+    # Without a random crop all paths take the whole image: only decoders and kernels differ.
+    over = [*FOLDER, f"data.root={root}", "data.crop_scale=[1.0,1.0]", "data.hflip=false"]
+    cfg = load_config(None, [*over, f"data.decode={decode}"])
     ds = pretrain_dataset(cfg)
-    (item, noise), _ = ds[5]
-    pil = pretrain_dataset(load_config(None, [*FOLDER, f"data.root={root}"]))
-    (img_pil, noise_pil), _ = pil[5]
-    assert torch.equal(noise, noise_pil), decode
+    (img_pil, noise_pil), _ = pretrain_dataset(load_config(None, over))[5]
     if decode == "device":
-        item = DeviceAugment(16, *pil_stats(cfg), 3)(DeviceBatch([item]), torch.device("cpu"))[0]
-    assert item.shape == img_pil.shape == (3, 16, 16)
-    assert (item - img_pil).abs().mean() < 0.1  # same crop, JPEG + kernel differences only
+        assert isinstance(ds, DeviceDataset)
+        (batch, _), _ = collate_device([ds[5]])
+        aug = DeviceAugment(16, *pil_stats(cfg), 3, num_patches=16, seed=0, scale=(1.0, 1.0), hflip=False)
+        item, noise = aug(batch, torch.device("cpu"))
+        item, noise = item[0], noise[0]
+    else:
+        (item, noise), _ = ds[5]
+        assert torch.equal(noise, noise_pil), decode  # same per-sample RNG stream as pil
+    assert item.shape == img_pil.shape == (3, 16, 16) and noise.shape == noise_pil.shape
+    assert (item - img_pil).abs().mean() < 0.1, decode
 
 
 def pil_stats(cfg):
@@ -184,20 +250,18 @@ def test_workers_deliver_device_samples(tmp_path):
 
 
 @pytest.mark.parametrize("decode", ["torchvision", "device"])
-def test_data_sets_held_decoded_augment_the_same_way(decode):
-    # Synthetic (like Fashion-MNIST or CIFAR) hands PIL images: same boxes, flips and masks as pil.
-    over = ["data.name=synthetic", "data.synthetic_size=16", "model.img_size=16", "model.in_chans=3",
-            "data.crop_scale=[0.3,1.0]"]
-    pil = pretrain_dataset(load_config(None, over))
+def test_data_sets_held_decoded_train_with_each_decoder(tmp_path, decode):
+    # Synthetic (like Fashion-MNIST or CIFAR) hands PIL images to the transform.
+    over = ["data.name=synthetic", "data.synthetic_size=16", "model.img_size=16", "model.in_chans=3"]
     ds = pretrain_dataset(load_config(None, [*over, f"data.decode={decode}"]))
-    for i in range(4):
-        (want, noise_pil), _ = pil[i]
-        (got, noise), _ = ds[i]
-        assert torch.equal(noise, noise_pil)
-        if decode == "device":
-            assert got.image.dtype == torch.uint8 and got.jpeg is None
-            got = DeviceAugment(16, *pil_stats(load_config(None, over)), 3)(DeviceBatch([got]), torch.device("cpu"))[0]
-        assert got.shape == want.shape and (got - want).abs().mean() < 0.1
+    if decode == "device":
+        sample, _ = ds[3]
+        assert sample.image.dtype == torch.uint8 and sample.jpeg is None and sample.index == 3
+    else:
+        (img, noise), _ = ds[3]
+        torch.manual_seed(0)
+        (want, want_noise), _ = pretrain_dataset(load_config(None, over))[3]
+        assert torch.equal(noise, want_noise) and (img - want).abs().mean() < 0.02
 
 
 def test_a_bad_decode_value_is_one_line(tmp_path, capsys):
@@ -223,4 +287,4 @@ def test_shards_hand_the_same_bytes_as_the_folder(tmp_path):
             if isinstance(a, torch.Tensor):
                 assert torch.equal(a, b)
             else:
-                assert torch.equal(a.jpeg, b.jpeg) and torch.equal(a.box, b.box)
+                assert torch.equal(a.jpeg, b.jpeg) and (a.height, a.width) == (b.height, b.width)

@@ -32,7 +32,7 @@ from .datasets import (
     split_folder,
     split_indices,
 )
-from .decode import DeviceAugment, DeviceCrop, TensorCrop
+from .decode import DeviceAugment, DeviceCrop, DeviceDataset, TensorCrop
 from .shards import ShardDataset, has_split
 from .sources import IN_PROCESS, TORCHVISION, canonical_name
 
@@ -236,17 +236,18 @@ def pretrain_augmentation(cfg):
     if d.decode == "torchvision":
         return TensorCrop(size, mean, std, chans, scale=d.crop_scale, hflip=d.hflip)
     if d.decode == "device":
-        return DeviceCrop(chans, scale=d.crop_scale, hflip=d.hflip)
+        return DeviceCrop(chans)
     return pretrain_transform(size, mean, std, chans, scale=tuple(d.crop_scale), hflip=d.hflip)
 
 
-def device_augmentation(cfg) -> DeviceAugment | None:
+def device_augmentation(cfg, num_patches: int | None = None) -> DeviceAugment | None:
     """What finishes a batch on the training device: :class:`DeviceAugment` for
-    ``data.decode=device``, else None (the workers deliver finished images)."""
+    ``data.decode=device``, else None (the workers deliver finished images and their noise)."""
     if cfg.data.decode != "device":
         return None
     mean, std = stats_for(cfg)
-    return DeviceAugment(cfg.model.img_size, mean, std, cfg.model.in_chans)
+    return DeviceAugment(cfg.model.img_size, mean, std, cfg.model.in_chans, num_patches=num_patches or
+                         num_patches_of(cfg), seed=cfg.train.seed, scale=cfg.data.crop_scale, hflip=cfg.data.hflip)
 
 
 def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -> SeededDataset:
@@ -266,6 +267,10 @@ def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -
         log.info("data.stats=compute: mean %s, std %s (seeded sample of up to %d training images, %.1f s; "
                  "saved in the run's config)", d.mean, d.std, STATS_SAMPLES, time.perf_counter() - t0)
     transform = pretrain_augmentation(cfg)
+    if d.decode == "device":  # crops, flips and masks are drawn per batch (DeviceAugment)
+        base = dataset_from_config(cfg, "train", transform)
+        fit_batch(cfg, len(base), world_size)
+        return DeviceDataset(base, cfg.train.seed)
     base = dataset_from_config(cfg, "train", WithNoise(transform, num_patches or num_patches_of(cfg)))
     fit_batch(cfg, len(base), world_size)
     return SeededDataset(base, cfg.train.seed)

@@ -297,8 +297,10 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     t_data = time.perf_counter()
                     (imgs, noise), _ = next(loader)
                     data_time += time.perf_counter() - t_data
-                    imgs = on_device(imgs, device) if on_device else imgs.to(device, non_blocking=True)
-                    noise = noise.to(device, non_blocking=True)
+                    if on_device:  # data.decode=device: decode, crop and draw the masks here
+                        imgs, noise = on_device(imgs, device)
+                    else:
+                        imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
                     with parallel.grad_sync(net, t.strategy, info, sync=micro + 1 == t.accum_iter):
                         with autocast:
                             out = step_fn(imgs, noise, step / total_steps)
