@@ -288,3 +288,60 @@ def test_shards_hand_the_same_bytes_as_the_folder(tmp_path):
                 assert torch.equal(a, b)
             else:
                 assert torch.equal(a.jpeg, b.jpeg) and (a.height, a.width) == (b.height, b.width)
+
+
+def _odd_files() -> dict[str, EncodedFile]:
+    """Files whose decode_image result differs from what the pil path reads, and a CMYK JPEG."""
+    import io
+
+    img = smooth_image(30, 40)
+    out = {"cmyk.jpg": encoded(img.convert("CMYK"), "JPEG", "cmyk.jpg"),
+           "still.gif": encoded(img.convert("P"), "GIF", "still.gif")}
+    frames = [img.convert("P"), img.rotate(90).convert("P")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out["animated.gif"] = EncodedFile(buf.getvalue(), "animated.gif")
+    deep = Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257).convert("I;16")
+    out["deep.png"] = encoded(deep, "PNG", "deep.png")
+    return out
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_odd_files_decode_as_the_pil_path_reads_them(in_chans):
+    from mimkit.data.decode import decode_bytes
+
+    mode = "L" if in_chans == 1 else "RGB"
+    for name, file in _odd_files().items():
+        got = decode_bytes(file, in_chans)
+        assert got.dtype == torch.uint8 and got.shape == (in_chans, 30, 40), name
+        with Image.open(__import__("io").BytesIO(file.data)) as im:
+            want = torch.from_numpy(np.array(im.convert(mode))).reshape(30, 40, in_chans).permute(2, 0, 1)
+        assert (got.int() - want.int()).abs().float().mean() < 2, name  # same picture (decoders may round)
+        sample = DeviceCrop(in_chans)(file)
+        assert sample.jpeg is None and sample.image.shape == (in_chans, 30, 40), name  # decoded in the worker
+
+
+def test_an_empty_file_is_named_and_skippable():
+    empty = EncodedFile(b"", "photos/empty.jpg")
+    for fn in (TensorCrop(24, MEAN, STD, 3), DeviceCrop(3)):
+        with pytest.raises(CorruptImageError, match="photos/empty.jpg.*empty file"):
+            fn(empty)
+
+
+def test_a_jpeg_whose_size_differs_from_its_header_is_named():
+    good = DeviceCrop(3)(encoded(smooth_image(), where="photos/liar.jpg"))
+    good.index, good.height = 0, 61
+    with pytest.raises(CorruptImageError, match="photos/liar.jpg.*header says"):
+        augment()(DeviceBatch.of([good]), torch.device("cpu"))
+
+
+def test_crop_chunks_large_groups(monkeypatch):
+    import mimkit.data.decode as D
+
+    samples = [DeviceCrop(3)(encoded(smooth_image(60, 80, i))) for i in range(5)]
+    for i, s in enumerate(samples):
+        s.index = i
+    whole = augment()(DeviceBatch.of(samples), torch.device("cpu"))
+    monkeypatch.setattr(D, "CROP_CHUNK_PIXELS", 2 * 60 * 80)  # chunks of 2 images
+    chunked = augment()(DeviceBatch.of(samples), torch.device("cpu"))
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

@@ -4,15 +4,17 @@
   (:func:`~mimkit.data.transforms.pretrain_transform`: RandomResizedCrop, bicubic, then flip).
 * ``torchvision``: the workers decode with ``torchvision.io.decode_image`` into a uint8 tensor
   and crop, resize (bicubic, antialiased) and flip it with ``torchvision.transforms.v2``'s
-  functional ops: no PIL image and no ``ToTensor``, about 1.7× the images per core of ``pil``
+  functional ops: no PIL image and no ``ToTensor``, about 1.6× the images per core of ``pil``
   (``mimkit bench --jpeg``).
 * ``device``: the workers only read the file's bytes and its size (the JPEG header); the
   training process draws every sample's crop, flip and mask for the whole batch at once
   (:func:`batch_uniforms`), the training device decodes the batch
   (``torchvision.io.decode_jpeg(list, device=...)``: nvJPEG on CUDA) and crops and resizes it
-  there, a few kernels per batch (:class:`DeviceAugment`). Non-JPEG files are decoded in the
-  workers and only resized on the device. Meant for CUDA, where the CPU cores cannot keep up with
-  the step; on a CPU it works, but decodes in the training process.
+  there: one resize kernel per distinct image size (:class:`DeviceAugment`). Non-JPEG files
+  (and CMYK JPEGs) are decoded in the workers and cropped and resized on the device. Meant for
+  CUDA, where the CPU cores cannot keep up with the step; on a CPU it works, but decodes in the
+  training process. Pixel values depend on the decoder (nvJPEG or libjpeg-turbo), so an exact
+  resume needs the same kind of device.
 
 Data sets that hold decoded images (Fashion-MNIST, CIFAR, synthetic, Python) hand the
 transforms a PIL image: ``torchvision`` and ``device`` then choose only where and how the
@@ -75,12 +77,18 @@ def to_uint8(img: EncodedFile | Image.Image, in_chans: int) -> torch.Tensor:
 
 def decode_bytes(file: EncodedFile, in_chans: int) -> torch.Tensor:
     """uint8 (C, H, W) of one file: ``torchvision.io.decode_image`` (JPEG, PNG, WebP, GIF), Pillow
-    for the other formats; :class:`CorruptImageError` names the file when neither can read it."""
+    for the other formats and for what ``decode_image`` returns otherwise than the ``pil`` path
+    would (16-bit PNGs, animated GIFs, GIF/WebP that ignore the gray mode); a
+    :class:`CorruptImageError` names the file when neither can read it."""
     from torchvision.io import ImageReadMode, decode_image
 
+    if not file.data:
+        raise CorruptImageError(f"cannot read image {file.where} (empty file)")
     mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
     try:
-        return decode_image(torch.frombuffer(bytearray(file.data), dtype=torch.uint8), mode=mode)
+        img = decode_image(torch.frombuffer(bytearray(file.data), dtype=torch.uint8), mode=mode)
+        if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == in_chans:
+            return img
     except RuntimeError:
         pass  # a format torchvision does not read (BMP, TIFF), or a broken file: Pillow decides
     try:
@@ -157,6 +165,7 @@ def batch_uniforms(seed: int, epoch: int, index: torch.Tensor, n: int) -> torch.
 
 
 _CROP_TRIES = 10  # as RandomResizedCrop.get_params
+CROP_CHUNK_PIXELS = 1 << 26  # input pixels per roi_align call: 64 M (256 MiB per channel in float32)
 
 
 def batch_crop_boxes(u: torch.Tensor, height: torch.Tensor, width: torch.Tensor, scale: Sequence[float],
@@ -219,16 +228,18 @@ class DeviceCrop:
         self.in_chans = in_chans
 
     def __call__(self, file: EncodedFile | Image.Image) -> DeviceSample:
-        if not isinstance(file, EncodedFile) or not file.data.startswith(_JPEG_MAGIC):
-            img = to_uint8(file, self.in_chans)
-            where = file.where if isinstance(file, EncodedFile) else "an image"
-            return DeviceSample(img.shape[-2], img.shape[-1], where, image=img)
-        try:
-            with Image.open(io.BytesIO(file.data)) as img:  # reads the header only
-                width, height = img.size
-        except Exception as e:
-            raise CorruptImageError(f"cannot read image {file.where} ({type(e).__name__}: {e})") from None
-        return DeviceSample(height, width, file.where, jpeg=torch.frombuffer(bytearray(file.data), dtype=torch.uint8))
+        if isinstance(file, EncodedFile) and file.data.startswith(_JPEG_MAGIC):
+            try:
+                with Image.open(io.BytesIO(file.data)) as img:  # reads the header only
+                    (width, height), mode = img.size, img.mode
+            except Exception as e:
+                raise CorruptImageError(f"cannot read image {file.where} ({type(e).__name__}: {e})") from None
+            if mode in ("L", "RGB"):  # what nvJPEG reads; CMYK/YCCK JPEGs are decoded here instead
+                return DeviceSample(height, width, file.where,
+                                    jpeg=torch.frombuffer(bytearray(file.data), dtype=torch.uint8))
+        img = to_uint8(file, self.in_chans)
+        where = file.where if isinstance(file, EncodedFile) else "an image"
+        return DeviceSample(img.shape[-2], img.shape[-1], where, image=img)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(in_chans={self.in_chans})"
@@ -268,6 +279,10 @@ class DeviceBatch:
     def __len__(self) -> int:
         return len(self.meta)
 
+    def pin_memory(self) -> DeviceBatch:
+        """Page-locked copy (the DataLoader's ``pin_memory=True`` calls it): faster host-to-GPU copies."""
+        return DeviceBatch(self.payload.pin_memory(), self.meta, self.where)
+
     def parts(self) -> list[torch.Tensor]:
         """Each sample's slice of ``payload`` (views, no copy)."""
         return list(torch.split(self.payload, self.meta[:, 5].tolist()))
@@ -299,6 +314,7 @@ class DeviceAugment:
         self.scale, self.hflip = tuple(scale), hflip
         self.mean = torch.tensor(_match_channels(mean, in_chans))
         self.std = torch.tensor(_match_channels(std, in_chans))
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def draws(self, batch: DeviceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(boxes (B, 5), noise (B, L)) of the batch's samples, on the CPU."""
@@ -310,22 +326,36 @@ class DeviceAugment:
         return batch_crop_boxes(u[:, :n_box], height, width, self.scale, self.hflip), u[:, n_box:].contiguous()
 
     def decode(self, batch: DeviceBatch, device: torch.device) -> list[torch.Tensor]:
-        """Each sample's uint8 (C, H, W) on ``device``."""
+        """Each sample's uint8 (C, H, W) on ``device``.
+
+        On CUDA the host first waits for the work already queued: torchvision's nvJPEG decode runs
+        on its own stream and can otherwise write into memory the queued step still uses
+        (pytorch/vision#9606). A JPEG the device decoder refuses (an unusual encoding) is decoded on
+        the CPU; only a file no decoder reads stops the run, named.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
 
         mode = ImageReadMode.GRAY if self.in_chans == 1 else ImageReadMode.RGB
         parts, is_jpeg = batch.parts(), batch.meta[:, 4].tolist()
+        heights, widths = batch.meta[:, 2].tolist(), batch.meta[:, 3].tolist()
         images: list[torch.Tensor | None] = [
-            None if jpeg else part.view(-1, int(h), int(w)).to(device, non_blocking=True)
-            for part, jpeg, h, w in zip(parts, is_jpeg, batch.meta[:, 2], batch.meta[:, 3], strict=True)]
+            None if jpeg else part.view(-1, h, w).to(device, non_blocking=True)
+            for part, jpeg, h, w in zip(parts, is_jpeg, heights, widths, strict=True)]
         todo = [i for i, jpeg in enumerate(is_jpeg) if jpeg]
         if todo:
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
             try:
                 decoded = decode_jpeg([parts[i] for i in todo], mode=mode, device=device)
-            except RuntimeError:  # find the file: decode one by one
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError:  # one file the device decoder refuses: decode one by one
                 decoded = [self._decode_one(parts[i], batch.where[i], mode, device) for i in todo]
             for i, img in zip(todo, decoded, strict=True):
-                images[i] = img
+                if tuple(img.shape[-2:]) != (heights[i], widths[i]):
+                    raise CorruptImageError(f"cannot read image {batch.where[i]} (decoded {tuple(img.shape[-2:])}, "
+                                            f"header says {(heights[i], widths[i])})")
+                images[i] = img.to(device, non_blocking=True)  # decoders put other devices' images on the CPU
         return images  # type: ignore[return-value]
 
     @staticmethod
@@ -334,13 +364,23 @@ class DeviceAugment:
 
         try:
             return decode_jpeg(data, mode=mode, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            pass
+        try:  # the CPU decoder reads more encodings than nvJPEG
+            return decode_jpeg(data, mode=mode).to(device)
         except RuntimeError as e:
             raise CorruptImageError(f"cannot read image {where} ({e})",
                                     "remove it, or use data.decode=torchvision (it skips unreadable files "
                                     "under data.on_corrupt=skip)") from None
 
     def crop(self, images: list[torch.Tensor], boxes: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Normalised float (B, C, S, S): each image's box resized to S x S, flipped where asked."""
+        """Normalised float (B, C, S, S): each image's box resized to S x S, flipped where asked.
+
+        Images of one size are stacked and resized by one ``roi_align``, in chunks of at most
+        :data:`CROP_CHUNK_PIXELS` input pixels (a batch of large photos stays within memory).
+        """
         from torchvision.ops import roi_align
 
         size = self.img_size
@@ -348,16 +388,20 @@ class DeviceAugment:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             by_shape.setdefault(tuple(img.shape[-2:]), []).append(i)
-        for idx in by_shape.values():
-            group = torch.stack([images[i] for i in idx]).float()
-            b = boxes[idx].to(torch.float32)
-            rois = torch.stack([torch.arange(len(idx), dtype=torch.float32), b[:, 1], b[:, 0],
-                                b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1)
-            out[torch.tensor(idx, device=device)] = roi_align(
-                group, rois.to(device), (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        for (h, w), same in by_shape.items():
+            step = max(1, CROP_CHUNK_PIXELS // (h * w))
+            for idx in (same[k:k + step] for k in range(0, len(same), step)):
+                group = torch.stack([images[i] for i in idx]).float()
+                b = boxes[idx].to(torch.float32)
+                rois = torch.stack([torch.arange(len(idx), dtype=torch.float32), b[:, 1], b[:, 0],
+                                    b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1)
+                out[torch.tensor(idx).to(device)] = roi_align(
+                    group, rois.to(device), (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
         flip = boxes[:, 4].bool().to(device)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        return _normalize(out, self.mean.to(device), self.std.to(device))
+        if device not in self._stats:
+            self._stats[device] = (self.mean.to(device), self.std.to(device))
+        return _normalize(out, *self._stats[device])
 
     def __call__(self, batch: DeviceBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         boxes, noise = self.draws(batch)
