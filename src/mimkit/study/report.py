@@ -203,7 +203,10 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
     for c, v in verdicts:
         lines.append(f"| {c.name} | {c.paper or '–'} | {_claim_rule(c, titles)} | {_claim_measure(c, v)} "
                      f"| **{v.text}** |")
-    lines += ["", "## Arms at the end of their runs", "", *arm_table(ix, spec, titles), "",
+    lines += ["", "## Arms at the end of their runs", "",
+              "Pre-training minutes: *calibrated* is steps × the arm's calibrated seconds per step (the "
+              "curves' time axis); *measured* is the runs' own training time, which includes any sharing "
+              "of the machine (mean over seeds).", "", *arm_table(ix, spec, titles), "",
               "## Time to the reference's final quality", "", *time_table(ix, spec, titles), "",
               "## Training-log metrics at the end of the runs", "", *log_table(ix, titles), "",
               "## Plots", "",
@@ -280,15 +283,20 @@ def arm_table(ix: StudyIndex, spec: StudySpec, titles: dict[str, str]) -> list[s
     cols = [(m, f) for m in FROZEN for f in spec.label_fractions] + \
            [("finetune_top1", f) for f in fracs if any(j.label_fraction == f for j in spec.finetune)] + \
            [("pairwise_mse", None)]
-    head = ["arm", "steps", "pre-train min"] + [f"{LABELS[m]} {lf_text(f)}".strip() for m, f in cols]
+    head = ["arm", "steps", "pre-train min (calibrated)", "measured min"] + \
+        [f"{LABELS[m]} {lf_text(f)}".strip() for m, f in cols]
+    cal = {c.arm: c.s_per_step for c in ix.calibration}
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in spec.arms:
         runs = [r for r in ix.runs if r.arm == a.name]
         for view in _views(ix, a.name) or ["auto"]:
             steps = sorted({r.steps for r in runs})
             minutes = [r.train_s / 60 for r in runs]
+            calibrated = [r.steps * cal[a.name] / 60 for r in runs if a.name in cal]
             cells = [titles[a.name] + (" (student)" if view == "student" else ""),
-                     "/".join(map(str, steps)) or "–", f"{statistics.fmean(minutes):.1f}" if minutes else "–"]
+                     "/".join(map(str, steps)) or "–",
+                     f"{statistics.fmean(calibrated):.1f}" if calibrated else "–",
+                     f"{statistics.fmean(minutes):.1f}" if minutes else "–"]
             cells += [fmt(ix.final(a.name, m, f, view), m) for m, f in cols]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
