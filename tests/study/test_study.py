@@ -4,6 +4,7 @@ wall-clock budget, caching, resume, the typed index and the generated page."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import yaml
@@ -131,6 +132,13 @@ def test_report_is_generic(study_dir, tmp_path):
     for heading in ("## Setup", "## Claims", "## Arms at the end", "## Time to the reference", "## Plots"):
         assert heading in text
     assert "| Foo |" in text and "| bar (student) |" in text and "| zero |" in text
+    # the arms table gives the calibrated minutes (steps x s/step) beside the measured ones
+    ix = StudyIndex.load(study_dir / "study.json")
+    cal = {c.arm: c.s_per_step for c in ix.calibration}
+    runs = [r for r in ix.runs if r.arm == "foo"]
+    steps, measured = runs[0].steps, statistics.fmean(r.train_s / 60 for r in runs)
+    row = next(line for line in text.splitlines() if line.startswith("| Foo |"))
+    assert f"| {steps} | {steps * cal['foo'] / 60:.1f} | {measured:.1f} |" in row
     assert "`synthetic`" in text and "patch 4" in text and "torch " in text
     for name in ("MAE", "EMAE", "RC-MAE", "MixedAE", "Fashion"):
         assert name not in text
