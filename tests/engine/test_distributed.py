@@ -29,8 +29,10 @@ def run_cli(nproc: int, *args: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overrides):
-    common = [*tiny_overrides, "train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=3"]
+@pytest.mark.parametrize("decode", ["pil", "device"])  # device: crops and masks drawn per batch
+def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overrides, decode):
+    common = [*tiny_overrides, "train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=3",
+              f"data.decode={decode}"]
     run_cli(1, "pretrain", "--out", str(tmp_path / "one"), *common, "train.batch_size=8")
     run_cli(2, "pretrain", "--out", str(tmp_path / "two"), *common, "train.batch_size=4")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
