@@ -58,13 +58,6 @@ def crop_box(height: int, width: int, scale: Sequence[float], hflip: bool) -> to
     return torch.tensor([top, left, h, w, int(flip)], dtype=torch.int64)
 
 
-def _pil_to_tensor(data: bytes, mode: str) -> torch.Tensor:
-    from torchvision.transforms.functional import pil_to_tensor
-
-    with Image.open(io.BytesIO(data)) as img:
-        return pil_to_tensor(img.convert(mode))
-
-
 def to_uint8(img: EncodedFile | Image.Image, in_chans: int) -> torch.Tensor:
     """uint8 (C, H, W) of a file's bytes (:func:`decode_bytes`) or of a decoded PIL image."""
     if isinstance(img, EncodedFile):
@@ -92,7 +85,8 @@ def decode_bytes(file: EncodedFile, in_chans: int) -> torch.Tensor:
     except RuntimeError:
         pass  # a format torchvision does not read (BMP, TIFF), or a broken file: Pillow decides
     try:
-        return _pil_to_tensor(file.data, "L" if in_chans == 1 else "RGB")
+        with Image.open(io.BytesIO(file.data)) as img:
+            return to_uint8(img, in_chans)
     except Exception as e:  # PIL raises many types on corrupt files
         raise CorruptImageError(f"cannot read image {file.where} ({type(e).__name__}: {e})") from None
 
@@ -106,8 +100,9 @@ class TensorCrop:
     """``data.decode=torchvision``: an :class:`EncodedFile` (or a PIL image) -> normalised float
     (C, S, S).
 
-    ``decode_image`` (or ``pil_to_tensor``), then ``v2.functional.resized_crop`` (bicubic, antialiased, rounded back to
-    uint8 as a uint8 image is) and ``horizontal_flip`` on the uint8 tensor, then scale and normalise.
+    ``decode_image`` (or ``pil_to_tensor``), then ``v2.functional.resized_crop`` (bicubic,
+    antialiased, rounded back to uint8 as a uint8 image is) and ``horizontal_flip`` on the uint8
+    tensor, then scale and normalise.
     """
 
     reads_bytes = True  # the data sets hand an EncodedFile instead of a PIL image
