@@ -240,14 +240,14 @@ def pretrain_augmentation(cfg):
     return pretrain_transform(size, mean, std, chans, scale=tuple(d.crop_scale), hflip=d.hflip)
 
 
-def device_augmentation(cfg, num_patches: int | None = None) -> DeviceAugment | None:
+def device_augmentation(cfg) -> DeviceAugment | None:
     """What finishes a batch on the training device: :class:`DeviceAugment` for
     ``data.decode=device``, else None (the workers deliver finished images and their noise)."""
     if cfg.data.decode != "device":
         return None
     mean, std = stats_for(cfg)
-    return DeviceAugment(cfg.model.img_size, mean, std, cfg.model.in_chans, num_patches=num_patches or
-                         num_patches_of(cfg), seed=cfg.train.seed, scale=cfg.data.crop_scale, hflip=cfg.data.hflip)
+    return DeviceAugment(cfg.model.img_size, mean, std, cfg.model.in_chans, num_patches=num_patches_of(cfg),
+                         seed=cfg.train.seed, scale=cfg.data.crop_scale, hflip=cfg.data.hflip)
 
 
 def pretrain_dataset(cfg, world_size: int = 1, num_patches: int | None = None) -> SeededDataset:
