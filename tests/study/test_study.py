@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ import yaml
 from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.study import Study, StudyIndex, load_study, write_report
+from mimkit.study.report import shown
 
 TINY = {
     "method": "mae", "mask_ratio": 0.75,
@@ -149,6 +151,16 @@ def test_report_is_generic(study_dir, tmp_path):
     assert all(c["verdict"] for c in summary["claims"])
     point = next(p for p in summary["points"] if p["arm"] == "foo")
     assert {m["metric"] for m in point["metrics"]} >= {"knn_top1", "linprobe_top1"}
+
+
+def test_report_paths_are_portable(monkeypatch, tmp_path):
+    """The Reproduce block names no machine-specific folder: home becomes ~, the checkout relative."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert shown(tmp_path / "home" / ".cache" / "s") == "~/.cache/s"
+    assert shown(tmp_path / "repo" / "docs" / "RESULTS.md") == "docs/RESULTS.md"
+    assert shown(Path("/opt/x")) == "/opt/x"
 
 
 @pytest.mark.parametrize("override, message", [

@@ -218,11 +218,20 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
               "| " + " | ".join(f"![{titles[a]}]({rel}/{p.name})" for a, p in recon.items()) + " |", "",
               "## Reproduce", "", "```",
               f"mimkit study {ix.source}",
-              f"mimkit report --study {study} --out {out}", "```", "",
+              f"mimkit report --study {shown(study)} --out {shown(out)}", "```", "",
               "Re-running the study computes only what is missing: runs are cached by their pre-training "
               "settings, evaluations by theirs, and an interrupted run resumes from its checkpoint.", ""]
     out.write_text("\n".join(lines))
     return out
+
+
+def shown(path: Path) -> str:
+    """``path`` as a reader can reuse it: relative under the working directory, ``~/…`` under home."""
+    p = Path(path).absolute()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if p.is_relative_to(base):
+            return prefix + p.relative_to(base).as_posix()
+    return p.as_posix()
 
 
 def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
