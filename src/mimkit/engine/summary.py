@@ -46,8 +46,8 @@ def _fmt_time(seconds: float) -> str:
 @torch.no_grad()
 def _seconds_per_step(objective, cfg, device: torch.device) -> float:
     """The fastest of three timed forwards of a copy of the (MAE) model on random inputs, x3 for
-    the backward pass (a rule of thumb), scaled to the batch, accumulation and method. The objective itself is
-    not called and RNG states are restored, so the run is unaffected."""
+    the backward pass (a rule of thumb), scaled to the batch, accumulation and method. The
+    objective itself is not called and RNG states are restored, so the run is unaffected."""
 
     t, b = cfg.train, min(cfg.train.batch_size, 8)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -55,17 +55,14 @@ def _seconds_per_step(objective, cfg, device: torch.device) -> float:
         imgs = torch.randn(b, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device)
         noise = torch.rand(b, num_patches_of(cfg), device=device)
         with autocast_for(t.amp, device):
-            probe(imgs, noise=noise)  # warm-up (allocations, kernels)
             times = []
-            for _ in range(3):  # the fastest of three: a busy machine inflates single timings
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+            for _ in range(4):  # a warm-up (allocations, kernels), then the fastest of three
                 t0 = time.perf_counter()
                 probe(imgs, noise=noise)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - t0)
-        elapsed = min(times)
+        elapsed = min(times[1:])  # a busy machine inflates single timings
         del probe
     return 3 * elapsed * t.batch_size / b * t.accum_iter * objective.step_cost()
 
