@@ -103,6 +103,35 @@ def test_rerun_computes_nothing(study_file, study_dir, monkeypatch):
         assert new[key] == old[key]
 
 
+def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_path, monkeypatch):
+    """A copy of ``study.json`` without the run folders (the report keeps one beside the page):
+    nothing is recomputed; an evaluation it lacks fails with the fix instead of a traceback."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a result kept in the index was recomputed")
+
+    write_report(study_dir, tmp_path / "page" / "RESULTS.md")
+    old = StudyIndex.load(tmp_path / "page" / "results" / "study.json")
+    assert old == StudyIndex.load(study_dir / "study.json")
+    assert all(0 < len(r.losses) <= 200 and r.host for r in old.runs if r.kind == "pretrain")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "study.json").write_text((tmp_path / "page" / "results" / "study.json").read_text())
+    monkeypatch.setattr("mimkit.engine.trainer.pretrain", boom)
+    monkeypatch.setattr("mimkit.eval.finetune.run_finetune", boom)
+    monkeypatch.setattr("mimkit.study.runner.Study._frozen", boom)
+    spec, base = load_study(study_file)
+    Study(spec, base, fresh).run()
+    new = StudyIndex.load(fresh / "study.json")
+    key = lambda e: (e.arm, e.seed, e.step, e.protocol, e.metric, e.label_fraction, e.view)  # noqa: E731
+    assert sorted(map(key, new.evals)) == sorted(map(key, old.evals))
+    assert {(r.arm, r.seed): r for r in new.runs} == {(r.arm, r.seed): r for r in old.runs}
+    assert write_report(fresh, tmp_path / "again" / "RESULTS.md").exists()  # loss curves from the index
+
+    spec, base = load_study(study_file, ["study.finetune=[{label_fraction: 1.0, arms: [bar]}]"])
+    with pytest.raises(ConfigError, match="no checkpoint to fine-tune; delete the folder"):
+        Study(spec, base, fresh).run()
+
+
 def test_interrupted_run_resumes(study_file, study_dir, monkeypatch):
     ix = StudyIndex.load(study_dir / "study.json")
     rec = next(r for r in ix.runs if r.arm == "bar" and r.seed == 1)

@@ -31,6 +31,8 @@ class RunRecord:
     steps: int
     eval_steps: list[int] = field(default_factory=list)
     train_s: float = 0.0  # measured pre-training wall-clock (data + compute, no checkpoints)
+    host: str = ""  # the processor (or GPU) it ran on
+    losses: list[list[float]] = field(default_factory=list)  # [step, reconstruction loss], <= 200 points
 
 
 @dataclass

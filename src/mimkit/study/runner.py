@@ -4,6 +4,10 @@ its run (k-NN and linear probe on cached features), and is fine-tuned at the end
 Runs live in ``<out>/runs/<arm>-s<seed>-<config hash>``: a finished run (``done.json``) is never
 recomputed, an interrupted one resumes from its checkpoint, and evaluations are cached in the run's
 ``study_evals.json`` under their settings. ``<out>/study.json`` is the typed index the report reads.
+
+The index alone is enough to resume: copied into an empty folder (``mimkit report`` keeps a copy
+beside ``RESULTS.md``), its finished runs and their evaluations are reused, not recomputed, so a
+study can continue on another machine without the checkpoints.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class Study:
             raise ConfigError(f"{self.path} is not a study index of this version; choose another --out") from None
         self.index = StudyIndex(name=spec.name, source=source, budget=budget, spec=spec.to_dict(),
                                 base_config=to_dict(base), calibration=old.calibration)
+        self.previous = old  # its runs' results are reused where their folders are gone
+        self.kept: set[tuple[str, int]] = set()  # (arm, seed) whose results come from ``previous``
         self.device = torch.device("cpu")
         self._labels: dict = {}
 
@@ -154,6 +160,18 @@ class Study:
         return cfg, points
 
     # --- pre-training ------------------------------------------------------------------------
+    def _keep(self, arm: str, seed: int, key: str, steps: int, run: Path) -> RunRecord | None:
+        """The previous index's record of this run when its folder is gone (the index was copied to
+        a new machine): its results are reused instead of recomputed."""
+        if run.exists() and any(run.iterdir()):
+            return None
+        rec = next((r for r in self.previous.runs
+                    if (r.arm, r.seed, r.config_hash, r.steps) == (arm, seed, key, steps)), None)
+        if rec is not None:
+            log.info("study: %s: results from the index (its folder is gone)", run.name)
+            self.kept.add((arm, seed))
+        return rec
+
     def pretrain(self, arm: Arm, seed: int) -> tuple[Path, RunRecord]:
         from mimkit.engine.checkpoint import atomic_write_text, list_checkpoints
         from mimkit.engine.trainer import pretrain
@@ -161,6 +179,10 @@ class Study:
         cfg, points = self.run_config(arm, seed)
         key = config_hash(cfg)
         run = self.out / "runs" / f"{arm.name}-s{seed}-{key}"
+        kept = self._keep(arm.name, seed, key, cfg.train.max_steps, run)
+        if kept is not None:
+            self.index.runs.append(kept)
+            return run, kept
         done = run / "done.json"
         if not done.exists():
             log.info("study: %s %s (%d steps)", "resuming" if list_checkpoints(run) else "pre-training",
@@ -170,20 +192,27 @@ class Study:
                 if step not in points:
                     path.unlink()
             atomic_write_text(done, json.dumps({"steps": cfg.train.max_steps}))
+        rows = timed_steps(run)
         rec = RunRecord(arm.name, seed, "pretrain", f"runs/{run.name}", key, self.calibrate(arm),
-                        cfg.train.max_steps, points, sum(s for _, s, _ in timed_steps(run)))
+                        cfg.train.max_steps, points, sum(s for _, s, _ in rows), host_name(self.device),
+                        loss_curve([r for r, _, _ in rows]))
         self.index.runs.append(rec)
         return run, rec
 
     # --- evaluation --------------------------------------------------------------------------
-    def _cached(self, run: Path, records: list[EvalRecord], wanted: dict, compute) -> list[EvalRecord]:
-        """Records of ``run`` matching ``wanted`` fields; computed (and stored) when missing."""
+    def _cached(self, run: Path, rec: RunRecord, wanted: dict, compute) -> list[EvalRecord]:
+        """Records of ``run`` matching ``wanted`` fields: from its ``study_evals.json``, else (a run
+        kept from the previous index) from that index; computed and stored when missing."""
         from mimkit.engine.checkpoint import atomic_write_text
 
         path = run / "study_evals.json"
         stored = [EvalRecord(**e) for e in json.loads(path.read_text())] if path.exists() else []
         hits = [e for e in stored if all(getattr(e, k) == v for k, v in wanted.items())]
+        if not hits and (rec.arm, rec.seed) in self.kept:
+            hits = [e for e in self.previous.evals if (e.arm, e.seed) == (rec.arm, rec.seed)
+                    and all(getattr(e, k) == v for k, v in wanted.items())]
         if not hits:
+            run.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             hits = compute()
             for e in hits:
@@ -191,7 +220,7 @@ class Study:
             atomic_write_text(path, json.dumps([dataclasses.asdict(e) for e in stored + hits], indent=1))
             log.info("study: %s step %d: %s", run.name, hits[0].step,
                      ", ".join(f"{e.metric}@{e.label_fraction}={e.value:.4f}" for e in hits))
-        records.extend(hits)
+        self.index.evals.extend(hits)
         return hits
 
     def frozen_evals(self, arm: Arm, run: Path, rec: RunRecord) -> None:
@@ -200,35 +229,41 @@ class Study:
         accuracies averaged over the steps since the previous point."""
         from mimkit.engine.checkpoint import list_checkpoints, load_file
 
-        cfg = saved_config(run)
-        cfg.eval = copy.deepcopy(self.base.eval)
-        settings = digest({"eval": {k: v for k, v in to_dict(cfg)["eval"].items() if k != "finetune"},
+        settings = digest({"eval": {k: v for k, v in to_dict(self.base)["eval"].items() if k != "finetune"},
                            "fractions": self.spec.label_fractions})
         ckpts = dict(list_checkpoints(run))
-        views = ["auto", "student"] if "student" in load_file(ckpts[rec.steps]) else ["auto"]  # teacher-student
-        # The time axis is calibrated: steps x the arm's seconds per step, timed once on an idle
-        # machine. Measured time would shift with whatever else shares the CPU over a run that
-        # spans several sittings; the measured total is kept in the run record (train_s).
-        rows, prev = timed_steps(run), 0
+        if (arm.name, rec.seed) in self.kept:  # no folder: the previous index has the views and logs
+            old = [e for e in self.previous.evals if (e.arm, e.seed) == (arm.name, rec.seed)]
+            views = [v for v in ("auto", "student") if any(e.view == v for e in old)]
+            self.index.evals += [e for e in old if e.protocol == "train_log"]
+            cfg = arm_config(self.base, arm)
+        else:
+            cfg = saved_config(run)
+            cfg.eval = copy.deepcopy(self.base.eval)
+            views = ["auto", "student"] if "student" in load_file(ckpts[rec.steps]) else ["auto"]  # teacher-student
+            self.index.evals += train_log_records(arm.name, rec, timed_steps(run))
+
+        def checkpoint(step: int) -> Path:
+            if step not in ckpts:
+                raise ConfigError(f"study: {run} has no checkpoint of step {step} to evaluate; delete the "
+                                  f"folder (and its records in {self.path}) to pre-train it again")
+            return ckpts[step]
+
         for step in rec.eval_steps:
-            window = [r for r, _, _ in rows if prev < r["step"] <= step]
+            # The time axis is calibrated: steps x the arm's seconds per step, timed once on an idle
+            # machine. Measured time would shift with whatever else shares the CPU over a run that
+            # spans several sittings; the measured total is kept in the run record (train_s).
             wall = step * rec.s_per_step
-            for k in sorted({k for r in window for k in r if k.startswith(("loss", "acc_"))}):
-                vals = [r[k] for r in window if isinstance(r.get(k), float)]
-                if vals:
-                    self.index.evals.append(EvalRecord(arm.name, rec.seed, step, wall, "train_log", k, None,
-                                                       "train", statistics.fmean(vals)))
             for view in views:
-                self._cached(run, self.index.evals, {"step": step, "view": view, "settings": settings},
-                             lambda v=view, s=step, w=wall: self._frozen(cfg, ckpts.get(s), arm.name, rec.seed, s, w,
+                self._cached(run, rec, {"step": step, "view": view, "settings": settings},
+                             lambda v=view, s=step, w=wall: self._frozen(cfg, checkpoint(s), arm.name, rec.seed, s, w,
                                                                         v, settings))
-            prev = step
         # EMAE's claim: how much predictions of the same patch differ across masks (lower: more consistent)
         last, n, masks = rec.eval_steps[-1], 1000, 4
         clock = last * rec.s_per_step
-        self._cached(run, self.index.evals, {"step": last, "settings": digest(["consistency", n, masks])},
+        self._cached(run, rec, {"step": last, "settings": digest(["consistency", n, masks])},
                      lambda: [EvalRecord(arm.name, rec.seed, last, clock, "consistency", "pairwise_mse", None, "test",
-                                         self._consistency(cfg, ckpts[last], n, masks), "auto",
+                                         self._consistency(cfg, checkpoint(last), n, masks), "auto",
                                          digest(["consistency", n, masks]))])
 
     def _consistency(self, cfg: Config, ckpt: Path, n: int, masks: int) -> float:
@@ -305,22 +340,24 @@ class Study:
         f.epochs = max(1, round(f.epochs * self.budget))
         f.warmup_epochs *= self.budget
         f.eval_every = 0
-        source = None
-        if arm.pretrain:
-            from mimkit.engine.checkpoint import list_checkpoints
-
-            source = list_checkpoints(run)[-1][1]
         settings = digest([dataclasses.asdict(f), job.label_fraction, seed])
 
         def go() -> list[EvalRecord]:
+            from mimkit.engine.checkpoint import list_checkpoints
             from mimkit.eval.finetune import build_classifier, run_finetune
 
+            source = None
+            if arm.pretrain:
+                if not list_checkpoints(run):
+                    raise ConfigError(f"study: {run} has no checkpoint to fine-tune; delete the folder (and its "
+                                      f"records in {self.path}) to pre-train it again")
+                source = list_checkpoints(run)[-1][1]
             model = build_classifier(cfg, self._num_classes(cfg), source)
             res = run_finetune(model, cfg, self.device)
             return [EvalRecord(arm.name, seed, rec.steps, rec.train_s, "finetune", "finetune_top1",
                                job.label_fraction, "test", res["value"], "auto", settings)]
 
-        self._cached(run, self.index.evals, {"protocol": "finetune", "settings": settings}, go)
+        self._cached(run, rec, {"protocol": "finetune", "settings": settings}, go)
 
     def _num_classes(self, cfg: Config) -> int:
         from mimkit.eval.common import num_classes_of
@@ -360,8 +397,8 @@ class Study:
                 else:  # fine-tuning only; its results are cached in a folder of its own
                     key = config_hash(arm_config(self.base, a))
                     run = self.out / "runs" / f"{a.name}-s{seed}-{key}"
-                    run.mkdir(parents=True, exist_ok=True)
-                    rec = RunRecord(a.name, seed, "scratch", f"runs/{run.name}", key, 0.0, 0)
+                    rec = (self._keep(a.name, seed, key, 0, run)
+                           or RunRecord(a.name, seed, "scratch", f"runs/{run.name}", key, 0.0, 0))
                     ix.runs.append(rec)
                 runs[a.name, seed] = (run, rec)
                 self.save()
@@ -375,6 +412,36 @@ class Study:
                  time.perf_counter() - t0, self.path, self.out)
         self.save()
         return self.path
+
+
+def train_log_records(arm: str, rec: RunRecord, rows: list[tuple[dict, float, int]]) -> list[EvalRecord]:
+    """The metrics log's losses and accuracies (``loss*``, ``acc_*``) averaged over the steps since
+    the previous evaluation point, one record per point and key."""
+    out, prev = [], 0
+    for step in rec.eval_steps:
+        window = [r for r, _, _ in rows if prev < r["step"] <= step]
+        for k in sorted({k for r in window for k in r if k.startswith(("loss", "acc_"))}):
+            vals = [r[k] for r in window if isinstance(r.get(k), float)]
+            if vals:
+                out.append(EvalRecord(arm, rec.seed, step, step * rec.s_per_step, "train_log", k, None, "train",
+                                      statistics.fmean(vals)))
+        prev = step
+    return out
+
+
+def loss_curve(rows: list[dict], points: int = 200) -> list[list[float]]:
+    """``[step, reconstruction loss]`` (``loss_rec``, else ``loss``) of a metrics log: the mean of
+    each of at most ``points`` equal runs of rows, so the index keeps the curve without the log."""
+    pts = [(r["step"], r.get("loss_rec", r.get("loss"))) for r in rows]
+    pts = [(s, v) for s, v in pts if isinstance(v, float)]
+    k = max(1, math.ceil(len(pts) / points))
+    return [[pts[min(i + k, len(pts)) - 1][0], statistics.fmean(v for _, v in pts[i:i + k])]
+            for i in range(0, len(pts), k)]
+
+
+def host_name(device: torch.device) -> str:
+    """The processor a run used: the GPU's name on CUDA, else the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
 
 
 def environment(device: torch.device) -> dict:
