@@ -130,6 +130,12 @@ def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_p
     spec, base = load_study(study_file, ["study.finetune=[{label_fraction: 1.0, arms: [bar]}]"])
     with pytest.raises(ConfigError, match="no checkpoint to fine-tune; delete the folder"):
         Study(spec, base, fresh).run()
+    stopped = StudyIndex.load(fresh / "study.json")  # stopped at seed 0: seed 1 is still recorded
+    assert {(r.arm, r.seed) for r in stopped.runs} == {(r.arm, r.seed) for r in old.runs}
+    assert [e for e in stopped.evals if e.seed == 1] == [e for e in old.evals if e.seed == 1]
+    spec, base = load_study(study_file)  # a quick look would drop seed 1, kept only in the index
+    with pytest.raises(ConfigError, match=r"does not include and whose folders are gone \(foo s1, bar s1, zero s1"):
+        Study(spec, base, fresh, budget=0.5)
 
 
 def test_interrupted_run_resumes(study_file, study_dir, monkeypatch):

@@ -104,6 +104,12 @@ class Study:
                                 base_config=to_dict(base), calibration=old.calibration)
         self.previous = old  # its runs' results are reused where their folders are gone
         self.kept: set[tuple[str, int]] = set()  # (arm, seed) whose results come from ``previous``
+        planned = {(a.name, seed) for a in spec.arms for seed in self.seeds(a)}
+        only_here = [f"{r.arm} s{r.seed}" for r in old.runs if (r.arm, r.seed) not in planned
+                     and not (self.out / r.folder).exists()]
+        if only_here:  # their results live only in this index, which the new one would replace
+            raise ConfigError(f"{self.path} holds results of runs this study does not include and whose folders "
+                              f"are gone ({', '.join(only_here)}); choose another --out")
         self.device = torch.device("cpu")
         self._labels: dict = {}
 
@@ -366,7 +372,13 @@ class Study:
 
     # --- everything --------------------------------------------------------------------------
     def save(self) -> None:
-        self.index.save(self.path)
+        """Write the index; runs not reached yet keep their previous records, so a study stopped
+        early never drops a result that only the index holds."""
+        done = {(r.arm, r.seed) for r in self.index.runs}
+        dataclasses.replace(
+            self.index, runs=self.index.runs + [r for r in self.previous.runs if (r.arm, r.seed) not in done],
+            evals=self.index.evals + [e for e in self.previous.evals if (e.arm, e.seed) not in done],
+        ).save(self.path)
 
     def run(self) -> Path:
         """Calibrate every arm, then seed by seed: pre-train, evaluate along the runs, fine-tune."""
