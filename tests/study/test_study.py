@@ -134,7 +134,7 @@ def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_p
     assert {(r.arm, r.seed) for r in stopped.runs} == {(r.arm, r.seed) for r in old.runs}
     assert [e for e in stopped.evals if e.seed == 1] == [e for e in old.evals if e.seed == 1]
     spec, base = load_study(study_file)  # a quick look would drop seed 1, kept only in the index
-    with pytest.raises(ConfigError, match=r"does not include and whose folders are gone \(foo s1, bar s1, zero s1"):
+    with pytest.raises(ConfigError, match=r"does not include and whose folders are gone \(zero s1, foo s1, bar s1\)"):
         Study(spec, base, fresh, budget=0.5)
 
 

@@ -381,7 +381,8 @@ class Study:
         ).save(self.path)
 
     def run(self) -> Path:
-        """Calibrate every arm, then seed by seed: pre-train, evaluate along the runs, fine-tune."""
+        """Calibrate every arm, then seed by seed and arm by arm: pre-train, evaluate along the run,
+        fine-tune."""
         from mimkit.engine.distributed import pick_device
         from mimkit.engine.logging import setup_logging
 
@@ -398,9 +399,10 @@ class Study:
         for a in s.arms:
             if a.pretrain:
                 self.calibrate(a)
-        runs: dict[tuple[str, int], tuple[Path, RunRecord]] = {}
         for seed in sorted({sd for a in s.arms for sd in self.seeds(a)}):
-            for a in s.arms:
+            # Each arm is finished (evaluations and fine-tunes) before the next starts, the
+            # fine-tuning-only arms first: minutes each, so a stopped study holds complete pairs.
+            for a in sorted(s.arms, key=lambda a: a.pretrain):
                 if seed not in self.seeds(a):
                     continue
                 if a.pretrain:
@@ -412,12 +414,10 @@ class Study:
                     rec = (self._keep(a.name, seed, key, 0, run)
                            or RunRecord(a.name, seed, "scratch", f"runs/{run.name}", key, 0.0, 0))
                     ix.runs.append(rec)
-                runs[a.name, seed] = (run, rec)
                 self.save()
-            for job in s.finetune:
-                for name in job.arms or list(arms):
-                    if (name, seed) in runs and (job.seeds is None or seed in job.seeds):
-                        self.finetune(job, arms[name], seed, *runs[name, seed])
+                for job in s.finetune:
+                    if a.name in (job.arms or arms) and (job.seeds is None or seed in job.seeds):
+                        self.finetune(job, a, seed, run, rec)
                         self.save()
         ix.finished = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         log.info("study finished in %.0f s this call: %s (write the report with `mimkit report --study %s`)",
