@@ -128,7 +128,7 @@ def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_p
     assert write_report(fresh, tmp_path / "again" / "RESULTS.md").exists()  # loss curves from the index
 
     spec, base = load_study(study_file, ["study.finetune=[{label_fraction: 1.0, arms: [bar]}]"])
-    with pytest.raises(ConfigError, match="no checkpoint to fine-tune; delete the folder"):
+    with pytest.raises(ConfigError, match="no checkpoint to evaluate or fine-tune; delete the folder"):
         Study(spec, base, fresh).run()
     stopped = StudyIndex.load(fresh / "study.json")  # stopped at seed 0: seed 1 is still recorded
     assert {(r.arm, r.seed) for r in stopped.runs} == {(r.arm, r.seed) for r in old.runs}

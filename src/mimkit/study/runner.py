@@ -250,10 +250,7 @@ class Study:
             self.index.evals += train_log_records(arm.name, rec, timed_steps(run))
 
         def checkpoint(step: int) -> Path:
-            if step not in ckpts:
-                raise ConfigError(f"study: {run} has no checkpoint of step {step} to evaluate; delete the "
-                                  f"folder (and its records in {self.path}) to pre-train it again")
-            return ckpts[step]
+            return self._checkpoint(run, step)
 
         for step in rec.eval_steps:
             # The time axis is calibrated: steps x the arm's seconds per step, timed once on an idle
@@ -349,21 +346,25 @@ class Study:
         settings = digest([dataclasses.asdict(f), job.label_fraction, seed])
 
         def go() -> list[EvalRecord]:
-            from mimkit.engine.checkpoint import list_checkpoints
             from mimkit.eval.finetune import build_classifier, run_finetune
 
-            source = None
-            if arm.pretrain:
-                if not list_checkpoints(run):
-                    raise ConfigError(f"study: {run} has no checkpoint to fine-tune; delete the folder (and its "
-                                      f"records in {self.path}) to pre-train it again")
-                source = list_checkpoints(run)[-1][1]
+            source = self._checkpoint(run) if arm.pretrain else None
             model = build_classifier(cfg, self._num_classes(cfg), source)
             res = run_finetune(model, cfg, self.device)
             return [EvalRecord(arm.name, seed, rec.steps, rec.train_s, "finetune", "finetune_top1",
                                job.label_fraction, "test", res["value"], "auto", settings)]
 
         self._cached(run, rec, {"protocol": "finetune", "settings": settings}, go)
+
+    def _checkpoint(self, run: Path, step: int | None = None) -> Path:
+        """The run's checkpoint of ``step`` (default: its last); a run kept from the index has none."""
+        from mimkit.engine.checkpoint import list_checkpoints
+
+        ckpts = dict(list_checkpoints(run))
+        if (max(ckpts) if ckpts and step is None else step) not in ckpts:
+            raise ConfigError(f"study: {run} has no checkpoint to evaluate or fine-tune; delete the folder (and "
+                              f"its records in {self.path}) to pre-train it again")
+        return ckpts[max(ckpts) if step is None else step]
 
     def _num_classes(self, cfg: Config) -> int:
         from mimkit.eval.common import num_classes_of
