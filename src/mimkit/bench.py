@@ -853,8 +853,9 @@ def spec_for_config(cfg: Any, warmup: int, iters: int) -> BenchSpec:
     from mimkit.engine.precision import resolve_amp
 
     default = flat_dict(to_dict(Config()))
+    own = ("method", "model.arch", "model.img_size", "model.in_chans", "model.patch_size")  # BenchSpec fields
     step_keys = {k: v for k, v in flat_dict(to_dict(cfg)).items()
-                 if k.startswith(_STEP_KEYS) and v != default.get(k)}
+                 if k.startswith(_STEP_KEYS) and k not in own and v != default.get(k)}
     device = "cuda" if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     t, m = cfg.train, cfg.model
     return BenchSpec(arch=m.arch, img_size=m.img_size, in_chans=m.in_chans, patch_size=m.patch_size,
@@ -930,14 +931,15 @@ def format_trainer_table(report: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``mimkit bench`` options (also used by ``python -m mimkit.bench``)."""
     p.add_argument("overrides", nargs="*", help="further key=value config overrides (e.g. model.depth=6)")
-    p.add_argument("--arch", default="vit_base_patch16", help="a preset in mimkit.models.mae.ARCHS")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--arch", default=None, help="a preset in mimkit.models.mae.ARCHS (default vit_base_patch16)")
+    p.add_argument("--img-size", type=int, default=None, help="default 224")
+    p.add_argument("--in-chans", type=int, default=None, help="default 3")
     p.add_argument("--patch-size", type=int, default=None, help="default: the preset's")
-    p.add_argument("--method", default="mae", help="mae | emae | rcmae | mixedae (only mae compares)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--method", default=None, help="mae | emae | rcmae | mixedae (only mae compares; default mae)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8, or the --config's")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cpu, or the --config's")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="bf16: autocast (default fp32, or the --config's train.amp)")
     p.add_argument("--compile", action="store_true", help="torch.compile each implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation happens here)")
     p.add_argument("--iters", type=int, default=5, help="timed steps")
@@ -957,7 +959,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after timing, profile this many steps: encoder, decoder, loss, backward, optimizer")
     p.add_argument("--trainer", action="store_true",
                    help="time the real trainer loop (--config, its data and workers) against the bench step")
-    p.add_argument("--config", default="fmnist_tiny", help="--trainer: preset or YAML file (overrides apply)")
+    p.add_argument("--config", default=None,
+                   help="a preset or YAML file whose model, method and batch to time (key=value overrides "
+                        "apply); --trainer: the run to time (default fmnist_tiny)")
     p.add_argument("--jpeg", action="store_true",
                    help="instead: time JPEG decoding + augmentation per core (PIL vs torchvision.io)")
     p.add_argument("--jpeg-dir", default=None, help="--jpeg: folder of .jpg files (default: write a temporary one)")
@@ -968,9 +972,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no subprocesses (quick checks; peak-memory readings then mix)")
 
 
+_MODEL_FLAGS = {"arch": "--arch", "img_size": "--img-size", "in_chans": "--in-chans",
+                "patch_size": "--patch-size", "method": "--method"}
+
+
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    """The spec of ``mimkit bench``'s flags; with ``--config``, that config's model, method, batch,
+    device and precision (what the flags set explicitly replaces the config's batch, device, dtype)."""
+    from mimkit.config import ConfigError, load_config
+
     names = {f.name for f in fields(BenchSpec)}
-    return BenchSpec(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.config is None:
+        return BenchSpec(**given)
+    clash = [flag for key, flag in _MODEL_FLAGS.items() if key in given]
+    if clash:
+        raise ConfigError(f"bench: {', '.join(clash)} and --config both describe the model; drop "
+                          f"{'it' if len(clash) == 1 else 'them'} and pass key=value overrides instead "
+                          f"(e.g. model.img_size=64 method=emae)")
+    base = spec_for_config(load_config(args.config, args.overrides), given.get("warmup", 2), given.get("iters", 5))
+    keep = {k: v for k, v in given.items() if k not in ("overrides", "compile")}
+    return replace(base, **keep, compile=base.compile or bool(args.compile))
 
 
 def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -1016,7 +1038,7 @@ def main_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """``mimkit bench --trainer``: the trainer loop against the bench step, printed and saved."""
     from mimkit.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or "fmnist_tiny", args.overrides)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress goes to stderr
     report = run_trainer_bench(cfg, max(args.warmup, 1), args.iters, log)
     print(format_trainer_table(report))

@@ -145,3 +145,22 @@ def test_profile_breaks_the_step_into_phases(tmp_path, capsys):
     assert ms["forward: encoder"] + ms["forward: decoder"] <= ms["forward"]  # the phases nest in forward
     assert prof["top_ops"] and all(o["op"].startswith("aten::") for o in prof["top_ops"])
     assert "| forward: decoder |" in capsys.readouterr().out
+
+
+def test_bench_config_times_that_configs_model(tmp_path, tiny_overrides, capsys):
+    """`mimkit bench --config X` times X's model, method and batch (it once timed ViT-B/16 at 224 px
+    whatever X said); flags that also describe the model are refused in one line."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", "fmnist_tiny", *tiny_overrides, "method=rcmae", "train.batch_size=4",
+                 "--iters", "1", "--warmup", "1", "--impl", "mimkit", "--in-process", "--json", str(out)]) == 0
+    spec = json.loads(out.read_text())["spec"]
+    assert (spec["arch"], spec["img_size"], spec["method"], spec["batch_size"]) == (
+        "vit_tiny_small_images", 16, "rcmae", 4)
+    assert "model.embed_dim=32" in spec["overrides"]
+    assert main(["bench", "--config", "fmnist_tiny", "--batch-size", "2", "--iters", "1", "--warmup", "0",
+                 "--impl", "mimkit", "--in-process", *tiny_overrides, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["spec"]["batch_size"] == 2  # an explicit flag wins
+    capsys.readouterr()
+    assert main(["bench", "--config", "fmnist_tiny", "--img-size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--img-size and --config" in err and "model.img_size=64" in err and len(err.splitlines()) == 1
