@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_tiny preset")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_demo preset")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("study", help="compare the methods on real data (cached, resumable)")

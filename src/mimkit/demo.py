@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -14,12 +13,13 @@ from mimkit.config import load_config, save_config
 from mimkit.engine.checkpoint import list_checkpoints
 from mimkit.engine.distributed import pick_device
 from mimkit.engine.logging import read_metrics, setup_logging
+from mimkit.engine.summary import cpu_name
 from mimkit.engine.trainer import pretrain
 
 log = logging.getLogger("mimkit")
 
 
-def plot_loss(run_dir: Path, path: Path) -> Path:
+def plot_loss(run_dir: Path, path: Path, target: str = "pixels") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +29,7 @@ def plot_loss(run_dir: Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (norm-pix MSE, masked patches)")
+    ax.set_ylabel(f"loss (MSE on {target}, masked patches)")
     ax.set_title(f"pre-training loss — {run_dir.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -39,7 +39,7 @@ def plot_loss(run_dir: Path, path: Path) -> Path:
 
 
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -> Path:
-    """Pre-train ``fmnist_tiny`` into ``out`` (resuming if it was interrupted), evaluate, report."""
+    """Pre-train ``fmnist_demo`` into ``out`` (resuming if it was interrupted), evaluate, report."""
     import mimkit
     from mimkit.data import stats_for
     from mimkit.eval.knn import eval_dataset, run_knn
@@ -48,7 +48,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
 
     setup_logging()
     out = Path(out)
-    cfg = load_config("fmnist_tiny", list(overrides))
+    cfg = load_config("fmnist_demo", list(overrides))
     t0 = time.perf_counter()
     ckpts = list_checkpoints(out)
     if ckpts:
@@ -75,7 +75,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
     imgs = torch.stack([test[i][0] for i in range(8)])
     noise = torch.rand(8, model.num_patches, generator=torch.Generator().manual_seed(0))
     save_reconstruction_grid(model, imgs, out / "reconstructions.png", mean, std, noise, upscale=4)
-    plot_loss(out, out / "loss.png")
+    target = "normalised pixels" if cfg.norm_pix_loss else "pixels"
+    plot_loss(out, out / "loss.png", target)
     metrics = read_metrics(out)
     speeds = [r["images_per_s"] for r in metrics if "images_per_s" in r]
     median_speed = sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
@@ -84,8 +85,10 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
     report = out / "report.md"
     report.write_text(f"""# mimkit demo — MAE on Fashion-MNIST
 
-Pre-trained `{cfg.model.arch}` ({cfg.model.img_size} px, patch {model.patch_size},
-mask ratio {cfg.mask_ratio}, norm-pix loss {cfg.norm_pix_loss}) for {metrics[-1]['step']} steps
+Pre-trained `{cfg.model.arch}` ({model.pos_embed.shape[-1]}-d encoder, {len(model.blocks)} blocks;
+decoder {model.decoder_embed.out_features}-d, {len(model.decoder_blocks)} block(s)) on {cfg.model.img_size} px
+images in patches of {model.patch_size}, mask ratio {cfg.mask_ratio}, target: {target}, predicting
+{100 * cfg.decoder.predict_ratio:.0f} % of the masked patches, for {metrics[-1]['step']} steps
 ({metrics[-1]['epoch']:.2f} epochs) on {n_train:,} training images (the `val` split held out).
 
 | | value |
@@ -96,7 +99,7 @@ mask ratio {cfg.mask_ratio}, norm-pix loss {cfg.norm_pix_loss}) for {metrics[-1]
 | pre-training time (this run) | {train_time / 60:.1f} min |
 | median throughput | {median_speed:.0f} images/s |
 | evaluation time | {eval_time / 60:.1f} min |
-| hardware | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device} |
+| hardware | {cpu_name()}, {torch.get_num_threads()} threads, {device} |
 
 k-NN bank: {knn_pre['bank_size']} training images; queries: the {knn_pre['test_size']} test images.
 MAE features are known to be weak under k-NN (see docs/evaluation.md): judge them by fine-tuning too.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import platform
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +19,17 @@ from mimkit.engine.precision import autocast_for
 
 log = logging.getLogger("mimkit")
 
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 def _survey(ds: DataSplit, k: int = 200) -> dict:
     """Sizes and modes of a seeded sample of a folder's images (headers only, no decoding)."""

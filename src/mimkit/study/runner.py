@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mimkit.config import Config, ConfigError, config_from_dict, flat_dict, to_dict, validate
+from mimkit.engine.summary import cpu_name
 from mimkit.study.index import Calibration, EvalRecord, RunRecord, StudyIndex
 from mimkit.study.spec import Arm, FinetuneJob, StudySpec, arm_config, load_study
 
@@ -454,7 +455,7 @@ def loss_curve(rows: list[dict], points: int = 200) -> list[list[float]]:
 
 def host_name(device: torch.device) -> str:
     """The processor a run used: the GPU's name on CUDA, else the CPU's."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def environment(device: torch.device) -> dict:
@@ -465,21 +466,11 @@ def environment(device: torch.device) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
            "mimkit": getattr(mimkit, "__version__", "?"), "platform": platform.platform(),
-           "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_study(config: str | Path = "fmnist_study", out: str | Path | None = None, budget: float = 1.0,
