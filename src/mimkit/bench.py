@@ -990,7 +990,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         raise ConfigError(f"bench: {', '.join(clash)} and --config both describe the model; drop "
                           f"{'it' if len(clash) == 1 else 'them'} and pass key=value overrides instead "
                           f"(e.g. model.img_size=64 method=emae)")
-    base = spec_for_config(load_config(args.config, args.overrides), given.get("warmup", 2), given.get("iters", 5))
+    base = spec_for_config(load_config(args.config, args.overrides), args.warmup, args.iters)
     keep = {k: v for k, v in given.items() if k not in ("overrides", "compile")}
     return replace(base, **keep, compile=base.compile or bool(args.compile))
 

@@ -20,7 +20,6 @@ from mimkit.engine.precision import autocast_for
 log = logging.getLogger("mimkit")
 
 
-
 def cpu_name() -> str:
     """The processor's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
     try:
@@ -30,6 +29,7 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
 
 def _survey(ds: DataSplit, k: int = 200) -> dict:
     """Sizes and modes of a seeded sample of a folder's images (headers only, no decoding)."""
