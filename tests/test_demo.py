@@ -31,3 +31,9 @@ def test_demo_pretrains_evaluates_and_reports(tmp_path, tiny_overrides):
     assert "32-d encoder, 2 blocks" in report and "predicting\n50 % of the masked patches" in report
     assert "target: pixels" in report and (out / "loss.png").stat().st_size > 0
     assert (out / "reconstructions.png").stat().st_size > 0
+    assert "pre-training time (this call) |" in report
+
+    # Run again on the finished folder: nothing to train, and the report says so instead of
+    # presenting the seconds of this call as the run's pre-training time.
+    assert main(["demo", "--out", str(out), *overrides]) == 0
+    assert "pre-training time (this call, resumed at step " in (out / "report.md").read_text()

@@ -51,6 +51,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
     cfg = load_config("fmnist_demo", list(overrides))
     t0 = time.perf_counter()
     ckpts = list_checkpoints(out)
+    start = ckpts[-1][0] if ckpts else 0  # a folder re-run resumes (or finds the run finished)
     if ckpts:
         pretrain(None, out, resume=True, overrides=list(overrides))
     else:
@@ -96,7 +97,7 @@ images in patches of {model.patch_size}, mask ratio {cfg.mask_ratio}, target: {t
 | k-NN top-1, pre-trained encoder ({knn_desc}) | **{100 * knn_pre['value']:.2f}%** |
 | k-NN top-1, same encoder randomly initialised | {100 * knn_rand['value']:.2f}% |
 | final training loss | {metrics[-1]['loss']:.4f} |
-| pre-training time (this run) | {train_time / 60:.1f} min |
+| pre-training time (this call{f", resumed at step {start}" if start else ""}) | {train_time / 60:.1f} min |
 | median throughput | {median_speed:.0f} images/s |
 | evaluation time | {eval_time / 60:.1f} min |
 | hardware | {cpu_name()}, {torch.get_num_threads()} threads, {device} |

@@ -48,6 +48,15 @@ def test_finetune_runs_with_mixup_randaug_erasing(make_cfg, tiny_ckpt):
     assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
 
 
+def test_per_epoch_accuracy_is_named_after_the_split_it_reads(make_cfg, tiny_ckpt):
+    """Choosing settings on val must not log val accuracy as test accuracy."""
+    cfg = make_cfg("data.val_fraction=0.25", "eval.split=val", "eval.finetune.max_steps=null",
+                   "eval.finetune.epochs=2", "eval.finetune.eval_every=1")
+    out = run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))
+    assert out["test_size"] == 30 and "val_top1" in out["history"][0]
+    assert not any("test_top1" in row for row in out["history"])
+
+
 def test_transforms_for_gray_small_images(make_cfg):
     from PIL import Image
 

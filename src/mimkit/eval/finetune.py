@@ -116,7 +116,8 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 
 def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     """Fine-tune ``model`` (a timm ViT with a head) with ``eval.finetune`` on the
-    ``data.label_fraction`` subset of the training split; top-1 on the test split."""
+    ``data.label_fraction`` subset of the training split; top-1 on ``eval.split`` (test, or val
+    while choosing settings), also every ``eval_every`` epochs as ``<split>_top1`` in the history."""
     from mimkit.engine.precision import autocast_for
 
     f = cfg.eval.finetune
@@ -192,7 +193,7 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
         epoch += 1
         row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
         if f.eval_every and epoch % f.eval_every == 0 and step < total:
-            row["test_top1"] = evaluate_classifier(model, test_loader, device, autocast)
+            row[f"{cfg.eval.split}_top1"] = evaluate_classifier(model, test_loader, device, autocast)
         history.append(row)
         log.info("finetune epoch %d: %s", epoch, row)
         loss_sum, loss_n = 0.0, 0
