@@ -3,7 +3,9 @@ wall-clock budget, caching, resume, the typed index and the generated page."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -186,6 +188,18 @@ def test_report_is_generic(study_dir, tmp_path):
     assert all(c["verdict"] for c in summary["claims"])
     point = next(p for p in summary["points"] if p["arm"] == "foo")
     assert {m["metric"] for m in point["metrics"]} >= {"knn_top1", "linprobe_top1"}
+
+
+def test_report_names_the_seeds_that_ran(study_dir, tmp_path):
+    """A quick look (--budget < 1) runs fewer seeds than the file declares; the page says which."""
+    assert "- Seeds: Foo [0, 1], bar [0, 1], zero [0, 1]." in write_report(study_dir, tmp_path / "a.md").read_text()
+    quick = tmp_path / "quick"
+    shutil.copytree(study_dir, quick)
+    ix = StudyIndex.load(quick / "study.json")
+    dataclasses.replace(ix, runs=[r for r in ix.runs if r.seed == 0],
+                        evals=[e for e in ix.evals if e.seed == 0]).save(quick / "study.json")
+    text = write_report(quick, tmp_path / "b.md").read_text()
+    assert "- Seeds: Foo [0] of [0, 1], bar [0] of [0, 1], zero [0] of [0, 1]." in text
 
 
 def test_report_paths_are_portable(monkeypatch, tmp_path):

@@ -259,6 +259,7 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
     if "" in hosts:
         hosts["not recorded"] = hosts.pop("")
     eval_s = sum(x.seconds for x in ix.evals)
+    ran = {a.name: sorted({r.seed for r in ix.runs if r.arm == a.name}) for a in spec.arms}  # --budget < 1: fewer
     return [
         f"- Data: `{b.data.name}`, {sizes.get('train', '?')} training / {sizes.get('test', '?')} test images "
         f"at {b.model.img_size} px; pre-training crop scale {b.data.crop_scale}, flip {b.data.hflip}.",
@@ -284,8 +285,8 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
                     + (f" ({' '.join(j.overrides)})" if j.overrides else "") for j in spec.finetune)
         + f" — recipe `eval.finetune` (epochs {b.eval.finetune.epochs} × budget, batch "
         f"{b.eval.finetune.batch_size}, blr {b.eval.finetune.blr:g}, layer decay {b.eval.finetune.layer_decay}).",
-        "- Seeds: " + ", ".join(f"{titles} {a.seeds}" for titles, a in ((a.title or a.name, a) for a in spec.arms))
-        + ".",
+        "- Seeds: " + ", ".join(f"{a.title or a.name} {ran[a.name]}"
+                                + (f" of {a.seeds}" if ran[a.name] != a.seeds else "") for a in spec.arms) + ".",
         f"- Compute: {pre_s / 60:.0f} min of pre-training, {eval_s / 60:.0f} min of evaluation and fine-tuning."
         + (f" Finished {ix.finished}." if ix.finished else " (study not finished)"),
         f"- Hardware and versions: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, "
