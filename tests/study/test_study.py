@@ -200,6 +200,8 @@ def test_report_names_the_seeds_that_ran(study_dir, tmp_path):
                         evals=[e for e in ix.evals if e.seed == 0]).save(quick / "study.json")
     text = write_report(quick, tmp_path / "b.md").read_text()
     assert "- Seeds: Foo [0] of [0, 1], bar [0] of [0, 1], zero [0] of [0, 1]." in text
+    # the Reproduce block runs the study into the folder the page was written from
+    assert f"mimkit study {ix.source} --out {quick}\n" in text
 
 
 def test_report_paths_are_portable(monkeypatch, tmp_path):

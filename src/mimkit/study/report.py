@@ -222,7 +222,8 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
                  "| " + " | ".join(f"![{titles[a]}]({rel}/{p.name})" for a, p in recon.items()) + " |", ""]
                 if recon else []),
               "## Reproduce", "", "```",
-              f"mimkit study {ix.source}",
+              f"mimkit study {ix.source}" + ("" if study.resolve() == default_out(ix.name).resolve()
+                                             else f" --out {shown(study)}"),  # where the page's runs are
               f"mimkit report --study {shown(study)} --out {shown(out)}", "```", "",
               "Re-running the study computes only what is missing: runs are cached by their pre-training "
               "settings, evaluations by theirs, and an interrupted run resumes from its checkpoint. To go on "
