@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing as mp
@@ -165,6 +166,19 @@ def test_an_unwritable_output_folder_is_a_run_error(tmp_path, tiny_overrides):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(RunError, match="choose a writable --out"):
         pretrain(load_config(None, tiny_overrides), tmp_path / "file" / "run")
+
+
+def test_a_failed_write_names_its_cause_and_fix(tmp_path):
+    """A full disk asks for space; a folder deleted under a running job says so instead."""
+    with pytest.raises(RunError, match=r"gone/x\.json: No such file.*folder .*gone is gone"):
+        ckpt.atomic_write_text(tmp_path / "gone" / "x.json", "{}")
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(RunError, match="No space left on device; free space"):
+        ckpt._atomic_write(tmp_path / "x.json", full)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 def test_metrics_survive_a_cut_line_and_count_resumed_steps_once(tmp_path, tiny_overrides):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -42,9 +43,19 @@ def _atomic_write(path: str | Path, write) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # a full disk, a read-only or lost mount: the old file is intact
-            raise RunError(f"cannot write {path}: {e.strerror or e}; free space or choose another "
-                           "output location") from None
+            raise RunError(f"cannot write {path}: {e.strerror or e}; {_write_fix(e, path)}") from None
         raise
+
+
+def _write_fix(e: OSError, path: Path) -> str:
+    """What to do about a failed write, by its cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space or choose another output location"
+    if e.errno == errno.ENOENT:
+        return f"its folder {path.parent} is gone (deleted while the run wrote to it?); choose an output location"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable or choose another output location"
+    return "choose another output location"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
