@@ -14,6 +14,7 @@ from mimkit.data import (
     eval_transform,
     pretrain_transform,
 )
+from mimkit.data.transforms import ToNormalizedTensor, WholeImage, whole_image_box
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 
@@ -106,8 +107,42 @@ def test_seeded_dataset_restores_global_rng():
 
 
 def test_seeded_dataset_independent_of_workers():
+    """Workers seed the generators per sample without restoring them (nothing else reads them
+    there); the samples are the main process's to the bit."""
     ds = seeded_synthetic()
     ds.set_epoch(2)
     serial = torch.cat([x for x, _ in DataLoader(ds, batch_size=3)])
     parallel = torch.cat([x for x, _ in DataLoader(ds, batch_size=3, num_workers=2)])
     assert torch.equal(serial, parallel)
+
+
+@pytest.mark.parametrize(("mode", "chans"), [("L", 1), ("RGB", 3)])
+def test_to_normalized_tensor_is_to_tensor_then_normalize_to_the_bit(mode, chans):
+    img = noise_image(mode, size=(23, 17))
+    ref = T.Normalize(MEAN[:chans], STD[:chans])(T.ToTensor()(img))
+    out = ToNormalizedTensor(MEAN[:chans], STD[:chans], chans)(img)
+    assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (30, 20), (17, 30), (300, 100), (48, 64)])
+def test_whole_image_is_random_resized_crops_fallback(size):
+    """crop_scale [1, 1]: get_params' fallback box (the whole image at its ratio clamped to
+    [3/4, 4/3], centred), the same pixels as RandomResizedCrop when it takes that box, no draw."""
+    img = noise_image("L", size=size)
+    torch.manual_seed(0)
+    fallback = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(1, img.height, img.width),
+                                              [1e-9, 1e-9], [3 / 4, 4 / 3])  # no try fits
+    assert whole_image_box(img.height, img.width) == tuple(fallback)
+    rrc = T.RandomResizedCrop(32, scale=(1.0, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    if size[0] == size[1]:  # square: every try that fits takes the whole image too
+        assert np.array_equal(np.asarray(WholeImage(32)(img)), np.asarray(rrc(img)))
+    tf = pretrain_transform(32, MEAN[:1], STD[:1], 1, scale=(1.0, 1.0))
+    assert not any(isinstance(t, T.RandomResizedCrop) for t in tf.transforms)
+    torch.manual_seed(1)
+    out = tf(img)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    flip = torch.rand(1) < 0.5  # the flip is the transform's only draw
+    assert torch.equal(torch.rand(1), after)
+    expect = ToNormalizedTensor(MEAN[:1], STD[:1], 1)(WholeImage(32)(img))
+    assert torch.equal(out, expect.flip(-1) if flip else expect)

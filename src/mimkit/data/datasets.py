@@ -25,7 +25,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from mimkit.errors import DataError
 
@@ -450,8 +450,11 @@ class SeededDataset(Dataset):
 
     Seeds torch (CPU), ``random`` and numpy for the duration of each ``__getitem__`` and
     restores the previous RNG states afterwards, so results do not depend on the number of
-    workers or processes. Call ``set_epoch`` before each epoch; with DataLoader
-    ``persistent_workers=True`` the workers keep their own copy, so recreate the loader instead.
+    workers or processes. In a DataLoader worker nothing else reads those generators, so they are
+    seeded and not restored there (saving and restoring numpy's state alone costs ~0.2 ms a sample,
+    as much as decoding and augmenting a 28 px image). Call ``set_epoch`` before each epoch; with
+    DataLoader ``persistent_workers=True`` the workers keep their own copy, so recreate the loader
+    instead.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -478,6 +481,11 @@ class SeededDataset(Dataset):
         if index < 0:
             index += len(self)
         seed = self.sample_seed(index)
+        if get_worker_info() is not None:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFF_FFFF)
+            return self.dataset[index]
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU only: leaves CUDA RNGs alone

@@ -24,7 +24,8 @@ Every path is seeded per sample, so a sample's crop, flip and mask depend only o
 (``train.seed``, epoch, index), never on the batch, the workers or the processes, and a resumed
 run sees exactly the batches it would have. ``pil`` and ``torchvision`` draw them from the
 per-sample seeded global RNG (:class:`~mimkit.data.datasets.SeededDataset`) in the same order
-(``RandomResizedCrop.get_params``, one ``torch.rand(1)`` for the flip, then the masking noise),
+(``RandomResizedCrop.get_params``, none for ``crop_scale=[1, 1]``, one ``torch.rand(1)`` for the
+flip, then the masking noise),
 so they crop the same boxes and mask the same patches. ``device`` draws them from a counter-based
 hash of (seed, epoch, index, draw), vectorised over the batch: the same distributions, other
 values, and no per-sample RNG set-up in the workers.
@@ -42,6 +43,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .datasets import CorruptImageError, EncodedFile, SeededDataset, _match_channels
+from .transforms import is_whole_image, whole_image_box
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec (not a dependency here).
@@ -50,10 +52,14 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 def crop_box(height: int, width: int, scale: Sequence[float], hflip: bool) -> torch.Tensor:
-    """``[top, left, h, w, flip]`` of RandomResizedCrop (ratio 3/4..4/3) and the flip, drawn from
-    torch's global RNG exactly as :func:`~mimkit.data.transforms.pretrain_transform` draws them."""
-    size_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the shape only
-    top, left, h, w = T.RandomResizedCrop.get_params(size_only, list(scale), [3 / 4, 4 / 3])
+    """``[top, left, h, w, flip]`` of RandomResizedCrop (ratio 3/4..4/3; ``scale`` (1, 1): the whole
+    image, no draw) and the flip, drawn from torch's global RNG exactly as
+    :func:`~mimkit.data.transforms.pretrain_transform` draws them."""
+    if is_whole_image(scale):  # no random crop, no draw (WholeImage)
+        top, left, h, w = whole_image_box(height, width)
+    else:
+        size_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the shape only
+        top, left, h, w = T.RandomResizedCrop.get_params(size_only, list(scale), [3 / 4, 4 / 3])
     flip = bool(hflip and torch.rand(1) < 0.5)
     return torch.tensor([top, left, h, w, int(flip)], dtype=torch.int64)
 
@@ -178,7 +184,7 @@ def batch_crop_boxes(u: torch.Tensor, height: torch.Tensor, width: torch.Tensor,
     ratio = torch.exp(lo + (hi - lo) * u[:, k:2 * k])
     w = torch.round(torch.sqrt(area * ratio))
     h = torch.round(torch.sqrt(area / ratio))
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H) & (not is_whole_image(scale))  # [1, 1]: whole image
     first = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(ok[:, 0], -1, dtype=torch.int64))
     rows = torch.arange(len(u))
     pick = first.clamp_min(0)
