@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "run the same command again" if args.command == "study" else "resume with --resume"
+        hint = "resume with --resume" if args.command == "pretrain" else "run the same command again"
         print(f"mimkit: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as e:

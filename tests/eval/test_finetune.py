@@ -48,13 +48,21 @@ def test_finetune_runs_with_mixup_randaug_erasing(make_cfg, tiny_ckpt):
     assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
 
 
-def test_per_epoch_accuracy_is_named_after_the_split_it_reads(make_cfg, tiny_ckpt):
-    """Choosing settings on val must not log val accuracy as test accuracy."""
-    cfg = make_cfg("data.val_fraction=0.25", "eval.split=val", "eval.finetune.max_steps=null",
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_the_learning_curve_reads_val_and_test_is_read_once(make_cfg, tiny_ckpt, monkeypatch, split):
+    """The per-epoch curve reads the val split, named so, at every epoch including the last; a
+    run that publishes a test number reads the test split once, at the end."""
+    import mimkit.eval.finetune as ft
+
+    cfg = make_cfg("data.val_fraction=0.25", f"eval.split={split}", "eval.finetune.max_steps=null",
                    "eval.finetune.epochs=2", "eval.finetune.eval_every=1")
+    reads, real = [], ft.evaluate_classifier
+    monkeypatch.setattr(ft, "evaluate_classifier", lambda m, loader, *a: reads.append(len(loader.dataset))
+                        or real(m, loader, *a))
     out = run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))
-    assert out["test_size"] == 30 and "val_top1" in out["history"][0]
-    assert not any("test_top1" in row for row in out["history"])
+    assert [sorted(row) for row in out["history"]] == [["epoch", "step", "train_loss", "val_top1"]] * 2
+    assert out["test_size"] == (30 if split == "val" else 120)
+    assert reads == ([30, 30] if split == "val" else [30, 30, 120])  # val per epoch; test once
 
 
 def test_transforms_for_gray_small_images(make_cfg):
@@ -84,3 +92,100 @@ def test_gradient_accumulation_counts_optimizer_steps(make_cfg, tiny_ckpt):
     out = run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))
     assert out["steps"] == 2 and out["accum_iter"] == 3
     assert out["lr"] == pytest.approx(cfg.eval.finetune.blr * 24 / 256)
+
+
+RESUMABLE = ("eval.finetune.max_steps=null", "eval.finetune.epochs=3", "eval.finetune.warmup_epochs=1",
+             "eval.finetune.mixup=0.8", "eval.finetune.cutmix=1.0", "eval.finetune.reprob=0.5",
+             "eval.finetune.crop_scale=[0.5,1.0]", "eval.finetune.eval_every=1")
+
+
+def _interrupt_at(monkeypatch, at_step: int, how):
+    """Call ``how()`` when fine-tuning reaches optimizer step ``at_step`` (once)."""
+    import mimkit.eval.finetune as ft
+
+    real, done = ft.warmup_cosine, []
+
+    def schedule(step, *args):
+        if step == at_step and not done:
+            done.append(step)
+            how()
+        return real(step, *args)
+
+    monkeypatch.setattr(ft, "warmup_cosine", schedule)
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_finetune_stopped_by_a_signal_resumes_exactly(make_cfg, tiny_ckpt, tmp_path, monkeypatch, workers):
+    """SIGTERM mid-epoch saves the progress; the same call again ends with the weights and history
+    of an uninterrupted run (drop path, mixup, crops and erasing all random)."""
+    import os
+    import signal
+
+    from mimkit.engine.trainer import Preempted
+
+    cfg = make_cfg(*RESUMABLE, f"data.num_workers={workers}")
+    straight = build_classifier(cfg, 10, tiny_ckpt)
+    ref = run_finetune(straight, cfg, torch.device("cpu"))
+    per_epoch = ref["steps"] // 3
+    state = tmp_path / "ft.state.pt"
+
+    _interrupt_at(monkeypatch, per_epoch + 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Preempted, match="run the same command again"):
+        run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
+    assert state.is_file()
+    resumed = build_classifier(cfg, 10, tiny_ckpt)
+    out = run_finetune(resumed, cfg, torch.device("cpu"), state, source="a")
+    assert not state.exists()  # removed once the run completes
+    assert out["value"] == ref["value"] and out["history"] == ref["history"]
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_killed_mid_epoch_resumes_from_its_last_epoch(make_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """A kill between saves (here an exception, like kill -9) loses only the unfinished epoch."""
+    cfg = make_cfg(*RESUMABLE)
+    straight = build_classifier(cfg, 10, tiny_ckpt)
+    ref = run_finetune(straight, cfg, torch.device("cpu"))
+    per_epoch = ref["steps"] // 3
+    state = tmp_path / "ft.state.pt"
+
+    def crash():
+        raise SystemExit("killed")
+
+    _interrupt_at(monkeypatch, 2 * per_epoch + 1, crash)
+    with pytest.raises(SystemExit):
+        run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state)
+    resumed = build_classifier(cfg, 10, tiny_ckpt)
+    out = run_finetune(resumed, cfg, torch.device("cpu"), state)
+    assert out["history"] == ref["history"] and out["value"] == ref["value"]
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_progress_of_another_run_is_refused(make_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """Saved progress continues only the run it came from: same settings, same encoder."""
+    from mimkit.errors import RunError
+
+    def crash():
+        raise SystemExit("killed")
+
+    cfg = make_cfg(*RESUMABLE)
+    state = tmp_path / "ft.state.pt"
+    _interrupt_at(monkeypatch, 1, crash)
+    with pytest.raises(SystemExit):
+        run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
+    assert not state.exists()  # no epoch finished: nothing saved
+    monkeypatch.undo()
+    per_epoch = 108 // 16  # 120 synthetic images, 10 % held out as val
+    _interrupt_at(monkeypatch, per_epoch + 1, crash)
+    with pytest.raises(SystemExit):
+        run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
+    assert state.is_file()
+    other = make_cfg(*RESUMABLE, "eval.finetune.blr=0.1")
+    for c, source in ((other, "a"), (cfg, "b")):
+        with pytest.raises(RunError, match="delete it to start this one"):
+            run_finetune(build_classifier(c, 10, tiny_ckpt), c, torch.device("cpu"), state, source=source)

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
+import numpy as np
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -77,12 +81,16 @@ def build_classifier(cfg, num_classes: int, source=None, weights: str = "auto") 
     """The timm ViT to fine-tune, from ``source``: a path (any format ``mimkit.load_encoder``
     reads), already-read :class:`~mimkit.interop.convert.Weights`, or ``None`` — from scratch: a
     freshly initialised MAE of cfg's architecture (MAE init: sin-cos positions, xavier), seeded
-    by ``train.seed``."""
+    by ``train.seed``. The new head's initialisation is seeded by ``train.seed`` too, so a config
+    builds the same classifier in every process (and a resumed fine-tuning run matches)."""
     from mimkit.interop.convert import Weights, read_weights
 
     f = cfg.eval.finetune
     w = source if source is None or isinstance(source, Weights) else read_weights(source, weights)
-    return timm_encoder(cfg, w, num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return timm_encoder(cfg, w, num_classes=num_classes, global_pool=f.global_pool,
+                            drop_path_rate=f.drop_path)
 
 
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
@@ -114,31 +122,66 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
     return correct / max(total, 1)
 
 
-def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
+def _seed_step(seed: int, step: int) -> None:
+    """Seed the main process's RNGs (drop path, Mixup/CutMix) for optimizer step ``step``, so a run
+    resumed at any step draws what an uninterrupted one would have."""
+    words = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(int(words[0]))
+    random.seed(int(words[1]))
+
+
+def _load_state(path: Path, fingerprint: dict) -> dict | None:
+    """The saved progress at ``path`` if it belongs to this fine-tuning run, else an error."""
+    from mimkit.engine.checkpoint import load_file
+    from mimkit.errors import RunError
+
+    if not path.is_file():
+        return None
+    state = load_file(path)
+    if state.get("fingerprint") != fingerprint:
+        raise RunError(f"{path} holds an unfinished fine-tuning run with another encoder or settings; "
+                       "delete it to start this one, or choose another --out")
+    return state
+
+
+def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | Path | None = None,
+                 source: str | None = None) -> dict:
     """Fine-tune ``model`` (a timm ViT with a head) with ``eval.finetune`` on the
     ``data.label_fraction`` subset of the training split; top-1 on ``eval.split`` (test, or val
-    while choosing settings), also every ``eval_every`` epochs as ``<split>_top1`` in the history."""
+    while choosing settings). Every ``eval_every`` epochs, and at the end, the history also gets
+    ``val_top1``: the learning curve reads the val split (``data.val_fraction`` > 0; else
+    ``eval.split``), so a run that publishes a test number reads the test split once, at the end.
+
+    Batch order and augmentation are functions of (``train.seed``, epoch, image) and the other
+    random draws of (``train.seed``, step), so with ``state_path`` the run is resumable exactly: its
+    progress is saved there (atomically) after every epoch and on SIGTERM/SIGUSR1 (then
+    :class:`~mimkit.engine.trainer.Preempted` is raised), and a later call with the same config and
+    ``source`` (the encoder's identity, e.g. its checkpoint's sha256) continues from it. The file
+    is removed once the run completes.
+    """
+    from mimkit.config import to_dict
+    from mimkit.data.build import val_fraction
+    from mimkit.data.datasets import SeededDataset
+    from mimkit.data.sampler import ShardedEpochSampler
+    from mimkit.engine.checkpoint import atomic_save
     from mimkit.engine.precision import autocast_for
+    from mimkit.engine.trainer import Preempted, StopSignal, ignore_stop_signals
 
     f = cfg.eval.finetune
+    seed = cfg.train.seed
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.train.seed)
     train_tf, eval_tf = finetune_transforms(cfg)
-    train_ds = labelled_dataset(cfg, "train", train_tf, cfg.data.label_fraction)
+    labelled = labelled_dataset(cfg, "train", train_tf, cfg.data.label_fraction)
+    num_classes = model.num_classes or num_classes_of(labelled)
+    train_ds = SeededDataset(labelled, seed)
     test_ds = labelled_dataset(cfg, cfg.eval.split, eval_tf)
-    num_classes = model.num_classes or num_classes_of(train_ds)
     mixup_on = f.mixup > 0 or f.cutmix > 0
     batch = min(f.batch_size, len(train_ds))
     if mixup_on and batch % 2:
         batch -= 1  # timm Mixup (batch mode) needs an even batch
-    loader = DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=cfg.data.num_workers > 0)
-    test_loader = DataLoader(test_ds, batch_size=cfg.eval.batch_size, shuffle=False,
-                             num_workers=cfg.data.num_workers)
     accum = f.accum_iter
-    steps_per_epoch = max(1, len(loader) // accum)
+    steps_per_epoch = max(1, len(train_ds) // batch // accum)
     total = f.max_steps if f.max_steps is not None else f.epochs * steps_per_epoch
     warmup = f.warmup_epochs * steps_per_epoch
     eff_batch = batch * accum
@@ -157,49 +200,105 @@ def run_finetune(model: nn.Module, cfg, device: torch.device) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
     autocast = autocast_for(cfg.train.amp, device)
+    test_loader = DataLoader(test_ds, batch_size=cfg.eval.batch_size, shuffle=False,
+                             num_workers=cfg.data.num_workers)
+    curve_split, curve_loader = cfg.eval.split, test_loader
+    if f.eval_every and cfg.eval.split != "val" and val_fraction(cfg) > 0:
+        curve_split, curve_loader = "val", DataLoader(labelled_dataset(cfg, "val", eval_tf), shuffle=False,
+                                                      batch_size=cfg.eval.batch_size,
+                                                      num_workers=cfg.data.num_workers)
+
+    history, step, loss_sum, loss_n, train_s = [], 0, 0.0, 0, 0.0
+    state_path = Path(state_path) if state_path is not None else None
+    settings = to_dict(cfg)
+    settings["data"].pop("num_workers")  # bookkeeping: the batches do not depend on it
+    fingerprint = {"config": settings, "source": source, "num_classes": num_classes}
+    state = _load_state(state_path, fingerprint) if state_path is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, train_s = state["step"], state["history"], state["train_s"]
+        loss_sum, loss_n = state["loss_sum"], state["loss_n"]
+        log.info("finetune: resuming from %s at step %d of %d", state_path, step, total)
+
+    def save() -> None:
+        atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "history": history, "train_s": train_s + time.perf_counter() - t_train,
+                     "loss_sum": loss_sum, "loss_n": loss_n}, state_path)
+
+    def stop_here(signal_name: str) -> Preempted:
+        if state_path is None:
+            return Preempted(f"{signal_name} received at fine-tuning step {step}; nothing was saved")
+        save()
+        return Preempted(f"{signal_name} received: fine-tuning progress at step {step} saved to "
+                         f"{state_path}; run the same command again to continue")
+
     log.info("finetune: %d images, %d steps (%d/epoch), batch %d x %d, lr %.3g, layer decay %s, device %s",
              len(train_ds), total, steps_per_epoch, batch, accum, lr, f.layer_decay, device)
-
-    history, step, epoch, micro, loss_sum, loss_n = [], 0, 0, 0, 0.0, 0
-    bar = tqdm(total=total, desc="finetune", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, mininterval=1.0)
     t_train = time.perf_counter()
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    while step < total:
-        for imgs, y in loader:
-            imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup is not None:
-                imgs, y = mixup(imgs, y)
-            lr_now = warmup_cosine(step, total, warmup, lr, f.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now * group.get("lr_scale", 1.0)
-            with autocast:
-                loss = criterion(model(imgs), y)
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"non-finite fine-tuning loss at step {step}; lower eval.finetune.blr")
-            (loss / accum).backward()
-            loss_sum, loss_n, micro = loss_sum + loss.item(), loss_n + 1, micro + 1
-            if micro % accum:
-                continue
-            if f.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.2e}", refresh=False)
-            if step >= total:
-                break
-        epoch += 1
-        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
-        if f.eval_every and epoch % f.eval_every == 0 and step < total:
-            row[f"{cfg.eval.split}_top1"] = evaluate_classifier(model, test_loader, device, autocast)
-        history.append(row)
-        log.info("finetune epoch %d: %s", epoch, row)
-        loss_sum, loss_n = 0.0, 0
+    with ExitStack() as stack:
+        # Without a place to save progress, a stop signal keeps its default meaning.
+        stop = stack.enter_context(StopSignal()) if state_path is not None else StopSignal()
+        while step < total:
+            epoch, first = divmod(step, steps_per_epoch)
+            train_ds.set_epoch(epoch)
+            sampler = ShardedEpochSampler(len(train_ds), batch, seed, epoch, first * accum, accum_iter=accum)
+            loader = iter(DataLoader(train_ds, batch_size=batch, sampler=sampler, drop_last=True,
+                                     num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                                     worker_init_fn=ignore_stop_signals))
+            try:
+                for _ in range(first, min(steps_per_epoch, first + total - step)):
+                    _seed_step(seed, step)
+                    lr_now = warmup_cosine(step, total, warmup, lr, f.min_lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_now * group.get("lr_scale", 1.0)
+                    for _micro in range(accum):
+                        imgs, y = next(loader)
+                        imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        if mixup is not None:
+                            imgs, y = mixup(imgs, y)
+                        with autocast:
+                            loss = criterion(model(imgs), y)
+                        if not math.isfinite(loss.item()):
+                            raise RuntimeError(f"non-finite fine-tuning loss at step {step}; "
+                                               "lower eval.finetune.blr")
+                        (loss / accum).backward()
+                        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                    if f.clip_grad is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.2e}", refresh=False)
+                    if stop.received is not None and step % steps_per_epoch and step < total:
+                        raise stop_here(stop.received)
+            finally:  # stop the workers now, even when an error keeps this frame alive
+                shutdown = getattr(loader, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+            row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
+            if f.eval_every and ((epoch + 1) % f.eval_every == 0 or step == total) \
+                    and not (step == total and curve_loader is test_loader):  # that one comes next
+                row[f"{curve_split}_top1"] = evaluate_classifier(model, curve_loader, device, autocast)
+            history.append(row)
+            log.info("finetune epoch %d: %s", epoch + 1, row)
+            loss_sum, loss_n = 0.0, 0
+            if step < total:
+                if stop.received is not None:
+                    raise stop_here(stop.received)
+                if state_path is not None:
+                    save()
     bar.close()
-    train_s = time.perf_counter() - t_train
+    train_s += time.perf_counter() - t_train
     acc = evaluate_classifier(model, test_loader, device, autocast)
+    if f.eval_every and curve_loader is test_loader and history:  # the curve's last point
+        history[-1][f"{curve_split}_top1"] = acc
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return {"metric": "finetune_top1", "value": acc, "epochs_run": step / steps_per_epoch, "steps": step,
             "batch_size": batch, "accum_iter": accum, "lr": lr, "train_size": len(train_ds), "test_size": len(test_ds),
             "num_classes": num_classes, "history": history,

@@ -41,6 +41,15 @@ def result_name(protocol: str, from_scratch: bool, label_fraction: float) -> str
     return name + ".json"
 
 
+def result_path(out: Path, protocol: str, from_scratch: bool, cfg: Config) -> Path:
+    """Where the result of ``protocol`` goes in ``out``; a val number never overwrites the
+    published test number."""
+    path = out / result_name(protocol, from_scratch, cfg.data.label_fraction)
+    if cfg.eval.split != "test":
+        path = path.with_name(f"{path.stem}_{cfg.eval.split}{path.suffix}")
+    return path
+
+
 def _encoder_for_features(cfg: Config, w):
     """A timm ViT (``global_pool='token'``) whose ``forward_features`` are the MAE encoder's;
     ``w`` is the checkpoint's :class:`~mimkit.interop.convert.Weights`, or None (from scratch)."""
@@ -84,6 +93,7 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     if from_scratch:
         w = None  # the checkpoint only lent its config
     device = pick_device(cfg.train.device)
+    sha = None if checkpoint is None or from_scratch else sha256_file(checkpoint)
     t0 = time.perf_counter()
     if protocol == "finetune":
         from mimkit.eval.common import labelled_dataset, num_classes_of
@@ -91,7 +101,10 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
 
         num_classes = num_classes_of(labelled_dataset(cfg, "train", transform=lambda x: x))
         model = build_classifier(cfg, num_classes, w)
-        result = run_finetune(model, cfg, device)
+        # progress is saved beside the result; the same command again continues it
+        state = result_path(out, protocol, from_scratch, cfg).with_suffix(".state.pt")
+        result = run_finetune(model, cfg, device, state_path=state,
+                              source=None if sha is None else f"{sha} ({weights})")
     else:
         encoder = _encoder_for_features(cfg, w)
         if protocol == "knn":
@@ -109,14 +122,12 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         "protocol": protocol, "metric": result.pop("metric"), "value": result.pop("value"), "split": cfg.eval.split,
         "label_fraction": cfg.data.label_fraction, "from_scratch": from_scratch,
         "checkpoint": None if checkpoint is None else str(checkpoint),
-        "checkpoint_sha256": None if checkpoint is None or from_scratch else sha256_file(checkpoint),
+        "checkpoint_sha256": sha,
         "weights": weights, "details": result, "timings": timings,
         "device": f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
     }
-    path = out / result_name(protocol, from_scratch, cfg.data.label_fraction)
-    if cfg.eval.split != "test":  # a val number never overwrites the published test number
-        path = path.with_name(f"{path.stem}_{cfg.eval.split}{path.suffix}")
+    path = result_path(out, protocol, from_scratch, cfg)
     path.write_text(json.dumps(record, indent=2))
     log.info("%s %s = %.4f (%.0f s) -> %s", protocol, record["metric"], record["value"], elapsed, path)
     return record, path

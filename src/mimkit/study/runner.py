@@ -348,10 +348,12 @@ class Study:
 
         def go() -> list[EvalRecord]:
             from mimkit.eval.finetune import build_classifier, run_finetune
+            from mimkit.interop.convert import sha256_file
 
             source = self._checkpoint(run) if arm.pretrain else None
             model = build_classifier(cfg, self._num_classes(cfg), source)
-            res = run_finetune(model, cfg, self.device)
+            res = run_finetune(model, cfg, self.device, state_path=run / f"finetune-{settings}.state.pt",
+                               source=None if source is None else sha256_file(source))
             return [EvalRecord(arm.name, seed, rec.steps, rec.train_s, "finetune", "finetune_top1",
                                job.label_fraction, "test", res["value"], "auto", settings)]
 
