@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e)
         if args.command == "study":
-            msg = f"{msg.split('; continue')[0]}; run the same study command again to resume"
+            msg = f"{msg.split('; continue')[0].split('; run the same')[0]}; run the same study command again to resume"
         print(f"mimkit: {msg}", file=sys.stderr)
         return 0
     return 0

@@ -210,7 +210,7 @@ class FinetuneConfig:
     hflip: float = 0.5
     global_pool: GlobalPool = "avg"  # avg (+ fc_norm, MAE) | token
     clip_grad: float | None = None
-    eval_every: int = 0  # epochs between val_top1 points of the learning curve (0: none); test only at the end
+    eval_every: int = 0  # epochs between learning-curve points (on val if data.val_fraction > 0; 0: none)
 
 
 @dataclass

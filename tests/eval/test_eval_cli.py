@@ -26,6 +26,7 @@ def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path):
                  "data.label_fraction=0.5"]) == 0
     rec = json.loads((out / "eval_finetune_lf0.5.json").read_text())
     assert rec["label_fraction"] == 0.5 and rec["details"]["train_size"] == 60
+    assert not list(out.glob("*.state.pt"))  # the saved progress goes once the result is stored
 
 
 def test_from_scratch_needs_no_checkpoint(tiny_cfg, tmp_path):

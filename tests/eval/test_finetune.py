@@ -127,6 +127,7 @@ def test_finetune_stopped_by_a_signal_resumes_exactly(make_cfg, tiny_ckpt, tmp_p
 
     from mimkit.engine.trainer import Preempted
 
+    monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)
     cfg = make_cfg(*RESUMABLE, f"data.num_workers={workers}")
     straight = build_classifier(cfg, 10, tiny_ckpt)
     ref = run_finetune(straight, cfg, torch.device("cpu"))
@@ -139,14 +140,18 @@ def test_finetune_stopped_by_a_signal_resumes_exactly(make_cfg, tiny_ckpt, tmp_p
     assert state.is_file()
     resumed = build_classifier(cfg, 10, tiny_ckpt)
     out = run_finetune(resumed, cfg, torch.device("cpu"), state, source="a")
-    assert not state.exists()  # removed once the run completes
     assert out["value"] == ref["value"] and out["history"] == ref["history"]
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the finished run stays saved until the caller has stored its result: a call now only evaluates
+    _interrupt_at(monkeypatch, 0, lambda: pytest.fail("a finished run trained again"))
+    again = run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
+    assert again["value"] == ref["value"] and again["history"] == ref["history"]
 
 
 def test_finetune_killed_mid_epoch_resumes_from_its_last_epoch(make_cfg, tiny_ckpt, tmp_path, monkeypatch):
     """A kill between saves (here an exception, like kill -9) loses only the unfinished epoch."""
+    monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)
     cfg = make_cfg(*RESUMABLE)
     straight = build_classifier(cfg, 10, tiny_ckpt)
     ref = run_finetune(straight, cfg, torch.device("cpu"))
@@ -175,11 +180,13 @@ def test_finetune_progress_of_another_run_is_refused(make_cfg, tiny_ckpt, tmp_pa
 
     cfg = make_cfg(*RESUMABLE)
     state = tmp_path / "ft.state.pt"
+    monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)
     _interrupt_at(monkeypatch, 1, crash)
     with pytest.raises(SystemExit):
         run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
     assert not state.exists()  # no epoch finished: nothing saved
     monkeypatch.undo()
+    monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)
     per_epoch = 108 // 16  # 120 synthetic images, 10 % held out as val
     _interrupt_at(monkeypatch, per_epoch + 1, crash)
     with pytest.raises(SystemExit):
@@ -189,3 +196,11 @@ def test_finetune_progress_of_another_run_is_refused(make_cfg, tiny_ckpt, tmp_pa
     for c, source in ((other, "a"), (cfg, "b")):
         with pytest.raises(RunError, match="delete it to start this one"):
             run_finetune(build_classifier(c, 10, tiny_ckpt), c, torch.device("cpu"), state, source=source)
+
+
+def test_accumulation_larger_than_the_labelled_set_names_the_fix(make_cfg, tiny_ckpt):
+    from mimkit.config import ConfigError
+
+    cfg = make_cfg("eval.finetune.accum_iter=8", "eval.finetune.batch_size=16")  # 120 images: 7 batches
+    with pytest.raises(ConfigError, match="eval.finetune.accum_iter=8 needs 8 batches"):
+        run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))

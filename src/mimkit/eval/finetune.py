@@ -87,7 +87,8 @@ def build_classifier(cfg, num_classes: int, source=None, weights: str = "auto") 
 
     f = cfg.eval.finetune
     w = source if source is None or isinstance(source, Weights) else read_weights(source, weights)
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # manual_seed reseeds CUDA too
         torch.manual_seed(cfg.train.seed)
         return timm_encoder(cfg, w, num_classes=num_classes, global_pool=f.global_pool,
                             drop_path_rate=f.drop_path)
@@ -131,6 +132,21 @@ def _seed_step(seed: int, step: int) -> None:
     random.seed(int(words[1]))
 
 
+SAVE_EVERY_S = 30.0  # fine-tuning saves its progress after an epoch at most this often (and at the end)
+
+
+def _fingerprint(cfg, source: str | None, sizes: list[int]) -> dict:
+    """What a resumed fine-tuning run must share with the saved one: the recipe, model, data and
+    seed, the encoder (``source``) and the data sizes. Bookkeeping (workers, the data's location,
+    the device, evaluation batch sizes, loggers) may change between sittings."""
+    from mimkit.config import to_dict
+
+    c = to_dict(cfg)
+    data = {k: v for k, v in c["data"].items() if k not in ("num_workers", "root")}
+    return {"model": c["model"], "finetune": c["eval"]["finetune"], "split": c["eval"]["split"], "data": data,
+            "seed": c["train"]["seed"], "amp": c["train"]["amp"], "sizes": sizes, "source": source}
+
+
 def _load_state(path: Path, fingerprint: dict) -> dict | None:
     """The saved progress at ``path`` if it belongs to this fine-tuning run, else an error."""
     from mimkit.engine.checkpoint import load_file
@@ -155,12 +171,12 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
 
     Batch order and augmentation are functions of (``train.seed``, epoch, image) and the other
     random draws of (``train.seed``, step), so with ``state_path`` the run is resumable exactly: its
-    progress is saved there (atomically) after every epoch and on SIGTERM/SIGUSR1 (then
-    :class:`~mimkit.engine.trainer.Preempted` is raised), and a later call with the same config and
-    ``source`` (the encoder's identity, e.g. its checkpoint's sha256) continues from it. The file
-    is removed once the run completes.
+    progress is saved there (atomically) after an epoch (at most every ``SAVE_EVERY_S`` seconds),
+    after the last one, and on SIGTERM/SIGUSR1 (then :class:`~mimkit.engine.trainer.Preempted` is
+    raised), and a later call with the same settings and ``source`` (the encoder's identity, e.g.
+    its checkpoint's sha256) continues from it. The caller removes the file once it has stored the
+    result, so a kill at any moment loses at most the steps since the last save.
     """
-    from mimkit.config import to_dict
     from mimkit.data.build import val_fraction
     from mimkit.data.datasets import SeededDataset
     from mimkit.data.sampler import ShardedEpochSampler
@@ -181,7 +197,13 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     if mixup_on and batch % 2:
         batch -= 1  # timm Mixup (batch mode) needs an even batch
     accum = f.accum_iter
-    steps_per_epoch = max(1, len(train_ds) // batch // accum)
+    if len(train_ds) // batch < accum:
+        from mimkit.config import ConfigError
+
+        raise ConfigError(f"eval.finetune.accum_iter={accum} needs {accum} batches of {batch} images per step, "
+                          f"but the labelled training set has {len(train_ds)}; lower eval.finetune.accum_iter "
+                          "or eval.finetune.batch_size")
+    steps_per_epoch = len(train_ds) // batch // accum
     total = f.max_steps if f.max_steps is not None else f.epochs * steps_per_epoch
     warmup = f.warmup_epochs * steps_per_epoch
     eff_batch = batch * accum
@@ -201,18 +223,17 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
         criterion = nn.CrossEntropyLoss()
     autocast = autocast_for(cfg.train.amp, device)
     test_loader = DataLoader(test_ds, batch_size=cfg.eval.batch_size, shuffle=False,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, worker_init_fn=ignore_stop_signals)
     curve_split, curve_loader = cfg.eval.split, test_loader
     if f.eval_every and cfg.eval.split != "val" and val_fraction(cfg) > 0:
         curve_split, curve_loader = "val", DataLoader(labelled_dataset(cfg, "val", eval_tf), shuffle=False,
                                                       batch_size=cfg.eval.batch_size,
-                                                      num_workers=cfg.data.num_workers)
+                                                      num_workers=cfg.data.num_workers,
+                                                      worker_init_fn=ignore_stop_signals)
 
     history, step, loss_sum, loss_n, train_s = [], 0, 0.0, 0, 0.0
     state_path = Path(state_path) if state_path is not None else None
-    settings = to_dict(cfg)
-    settings["data"].pop("num_workers")  # bookkeeping: the batches do not depend on it
-    fingerprint = {"config": settings, "source": source, "num_classes": num_classes}
+    fingerprint = _fingerprint(cfg, source, [len(train_ds), len(test_ds), num_classes])
     state = _load_state(state_path, fingerprint) if state_path is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -222,13 +243,13 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
         log.info("finetune: resuming from %s at step %d of %d", state_path, step, total)
 
     def save() -> None:
+        nonlocal last_save
         atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "history": history, "train_s": train_s + time.perf_counter() - t_train,
                      "loss_sum": loss_sum, "loss_n": loss_n}, state_path)
+        last_save = time.perf_counter()
 
     def stop_here(signal_name: str) -> Preempted:
-        if state_path is None:
-            return Preempted(f"{signal_name} received at fine-tuning step {step}; nothing was saved")
         save()
         return Preempted(f"{signal_name} received: fine-tuning progress at step {step} saved to "
                          f"{state_path}; run the same command again to continue")
@@ -236,10 +257,11 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     log.info("finetune: %d images, %d steps (%d/epoch), batch %d x %d, lr %.3g, layer decay %s, device %s",
              len(train_ds), total, steps_per_epoch, batch, accum, lr, f.layer_decay, device)
     bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, mininterval=1.0)
-    t_train = time.perf_counter()
+    t_train = last_save = time.perf_counter()
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with ExitStack() as stack:
+        stack.callback(bar.close)
         # Without a place to save progress, a stop signal keeps its default meaning.
         stop = stack.enter_context(StopSignal()) if state_path is not None else StopSignal()
         while step < total:
@@ -263,8 +285,10 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
                         with autocast:
                             loss = criterion(model(imgs), y)
                         if not math.isfinite(loss.item()):
+                            saved = f" (and delete {state_path}, this run's saved progress)" \
+                                if state_path is not None and state_path.exists() else ""
                             raise RuntimeError(f"non-finite fine-tuning loss at step {step}; "
-                                               "lower eval.finetune.blr")
+                                               f"lower eval.finetune.blr{saved}")
                         (loss / accum).backward()
                         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
                     if f.clip_grad is not None:
@@ -287,18 +311,15 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
             history.append(row)
             log.info("finetune epoch %d: %s", epoch + 1, row)
             loss_sum, loss_n = 0.0, 0
-            if step < total:
-                if stop.received is not None:
-                    raise stop_here(stop.received)
-                if state_path is not None:
-                    save()
-    bar.close()
-    train_s += time.perf_counter() - t_train
-    acc = evaluate_classifier(model, test_loader, device, autocast)
+            if stop.received is not None:
+                raise stop_here(stop.received)
+            # after the last epoch too: a kill during the final evaluation then costs only that
+            if state_path is not None and (step == total or time.perf_counter() - last_save >= SAVE_EVERY_S):
+                save()
+        train_s += time.perf_counter() - t_train
+        acc = evaluate_classifier(model, test_loader, device, autocast)
     if f.eval_every and curve_loader is test_loader and history:  # the curve's last point
         history[-1][f"{curve_split}_top1"] = acc
-    if state_path is not None:
-        state_path.unlink(missing_ok=True)
     return {"metric": "finetune_top1", "value": acc, "epochs_run": step / steps_per_epoch, "steps": step,
             "batch_size": batch, "accum_iter": accum, "lr": lr, "train_size": len(train_ds), "test_size": len(test_ds),
             "num_classes": num_classes, "history": history,

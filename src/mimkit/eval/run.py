@@ -69,6 +69,7 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     config when one is given, so pre-trained and scratch runs match). The result goes to
     ``out`` (default: the checkpoint's folder). Returns (result, path).
     """
+    from mimkit.engine.checkpoint import atomic_write_text
     from mimkit.engine.distributed import pick_device
     from mimkit.engine.logging import setup_logging
     from mimkit.interop.convert import read_weights, sha256_file
@@ -128,6 +129,8 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
     }
     path = result_path(out, protocol, from_scratch, cfg)
-    path.write_text(json.dumps(record, indent=2))
+    atomic_write_text(path, json.dumps(record, indent=2))
+    if protocol == "finetune":
+        state.unlink(missing_ok=True)  # only now: a kill before the write must not lose the run
     log.info("%s %s = %.4f (%.0f s) -> %s", protocol, record["metric"], record["value"], elapsed, path)
     return record, path

@@ -352,12 +352,14 @@ class Study:
 
             source = self._checkpoint(run) if arm.pretrain else None
             model = build_classifier(cfg, self._num_classes(cfg), source)
-            res = run_finetune(model, cfg, self.device, state_path=run / f"finetune-{settings}.state.pt",
+            res = run_finetune(model, cfg, self.device, state_path=state,
                                source=None if source is None else sha256_file(source))
             return [EvalRecord(arm.name, seed, rec.steps, rec.train_s, "finetune", "finetune_top1",
                                job.label_fraction, "test", res["value"], "auto", settings)]
 
+        state = run / f"finetune-{settings}.state.pt"  # progress of an interrupted cell
         self._cached(run, rec, {"protocol": "finetune", "settings": settings}, go)
+        state.unlink(missing_ok=True)  # the result is stored
 
     def _checkpoint(self, run: Path, step: int | None = None) -> Path:
         """The run's checkpoint of ``step`` (default: its last); a run kept from the index has none."""
