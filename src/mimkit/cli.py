@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as e:
-        from mimkit.engine.trainer import Preempted
+        from mimkit.engine.signals import Preempted
 
         if not isinstance(e, Preempted):
             raise

@@ -125,7 +125,7 @@ def test_finetune_stopped_by_a_signal_resumes_exactly(make_cfg, tiny_ckpt, tmp_p
     import os
     import signal
 
-    from mimkit.engine.trainer import Preempted
+    from mimkit.engine.signals import Preempted
 
     monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)
     cfg = make_cfg(*RESUMABLE, f"data.num_workers={workers}")

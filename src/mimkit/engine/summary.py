@@ -57,25 +57,35 @@ def _fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def _seconds_per_step(objective, cfg, device: torch.device) -> float:
-    """The fastest of three timed forwards of a copy of the (MAE) model on random inputs, x3 for
-    the backward pass (a rule of thumb), scaled to the batch, accumulation and method. The
+def _seconds_per_step(objective, cfg, device: torch.device, budget_s: float = 0.25) -> float:
+    """Timed forwards of a copy of the (MAE) model on random inputs, x3 for the backward pass (a
+    rule of thumb), scaled to the batch, accumulation and method. The probe batch doubles from 8
+    while a forward takes under ``budget_s`` (up to the real batch): a small batch's per-call
+    overhead, scaled up to the real batch, would overstate the time several-fold on a CPU. The
     objective itself is not called and RNG states are restored, so the run is unaffected."""
 
-    t, b = cfg.train, min(cfg.train.batch_size, 8)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = copy.deepcopy(objective.eval_model()).eval()
+    t = cfg.train
+
+    def fastest(probe, b: int) -> float:  # a warm-up (allocations, kernels), then the fastest of three
         imgs = torch.randn(b, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device)
         noise = torch.rand(b, num_patches_of(cfg), device=device)
+        times = []
         with autocast_for(t.amp, device):
-            times = []
-            for _ in range(4):  # a warm-up (allocations, kernels), then the fastest of three
+            for _ in range(4):
                 t0 = time.perf_counter()
                 probe(imgs, noise=noise)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - t0)
-        elapsed = min(times[1:])  # a busy machine inflates single timings
+        return min(times[1:])  # a busy machine inflates single timings
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(objective.eval_model()).eval()
+        b = min(t.batch_size, 8)
+        elapsed = fastest(probe, b)
+        while b < t.batch_size and elapsed < budget_s:
+            b = min(2 * b, t.batch_size)
+            elapsed = fastest(probe, b)
         del probe
     return 3 * elapsed * t.batch_size / b * t.accum_iter * objective.step_cost()
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,6 +37,7 @@ from mimkit.engine.logging import MetricLogger, setup_logging
 from mimkit.engine.precision import adamw_kernel, autocast_for, grad_scaler_for
 from mimkit.engine.rundir import RunLock, check_resume_compatible
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
+from mimkit.engine.signals import Preempted, StopSignal, ignore_stop_signals  # noqa: F401 (Preempted: API)
 from mimkit.engine.summary import log_run_summary
 from mimkit.errors import DataError, MimkitError, RunError
 from mimkit.eval.knn import knn_monitor
@@ -50,46 +49,6 @@ log = logging.getLogger("mimkit")
 
 class NonFiniteLossError(MimkitError, RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
-
-
-class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
-
-
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (preemption) set a flag; the loop checkpoints and exits cleanly."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self.previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None and threading.current_thread() is threading.main_thread():
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore the preemption signals, so a scheduler that
-    signals the whole process group (SLURM, ``kill -TERM -PGID``) does not kill them before the
-    main process has written its checkpoint (the main process shuts them down itself)."""
-    for name in StopSignal.SIGNALS:
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
 
 
 @torch.no_grad()

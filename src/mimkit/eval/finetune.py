@@ -172,7 +172,7 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     Batch order and augmentation are functions of (``train.seed``, epoch, image) and the other
     random draws of (``train.seed``, step), so with ``state_path`` the run is resumable exactly: its
     progress is saved there (atomically) after an epoch (at most every ``SAVE_EVERY_S`` seconds),
-    after the last one, and on SIGTERM/SIGUSR1 (then :class:`~mimkit.engine.trainer.Preempted` is
+    after the last one, and on SIGTERM/SIGUSR1 (then :class:`~mimkit.engine.signals.Preempted` is
     raised), and a later call with the same settings and ``source`` (the encoder's identity, e.g.
     its checkpoint's sha256) continues from it. The caller removes the file once it has stored the
     result, so a kill at any moment loses at most the steps since the last save.
@@ -182,7 +182,7 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     from mimkit.data.sampler import ShardedEpochSampler
     from mimkit.engine.checkpoint import atomic_save
     from mimkit.engine.precision import autocast_for
-    from mimkit.engine.trainer import Preempted, StopSignal, ignore_stop_signals
+    from mimkit.engine.signals import Preempted, StopSignal, ignore_stop_signals
 
     f = cfg.eval.finetune
     seed = cfg.train.seed
