@@ -284,20 +284,21 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
                             imgs, y = mixup(imgs, y)
                         with autocast:
                             loss = criterion(model(imgs), y)
-                        if not math.isfinite(loss.item()):
+                        loss_value = loss.item()  # one host sync per micro-batch
+                        if not math.isfinite(loss_value):
                             saved = f" (and delete {state_path}, this run's saved progress)" \
                                 if state_path is not None and state_path.exists() else ""
                             raise RuntimeError(f"non-finite fine-tuning loss at step {step}; "
                                                f"lower eval.finetune.blr{saved}")
                         (loss / accum).backward()
-                        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                        loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
                     if f.clip_grad is not None:
                         nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.2e}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}", refresh=False)
                     if stop.received is not None and step % steps_per_epoch and step < total:
                         raise stop_here(stop.received)
             finally:  # stop the workers now, even when an error keeps this frame alive
