@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="study folder (re-running it resumes); default "
                    "$MIMKIT_CACHE/study/<name>, ~/.cache/mimkit unless set")
     p.add_argument("--budget", type=float, default=1.0, help="scale pre-training wall-clock and "
-                   "fine-tuning length; below 1 also fewer seeds (0.25: a quick look)")
+                   "fine-tuning length; below 1 a quick look: fewer seeds, evaluation points, arms and "
+                   "fine-tuning jobs, as the study file marks them (0.25: under an hour on 2 CPU cores)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (study.seeds=[0], train.batch_size=128)")
     p.set_defaults(func=cmd_study)
 

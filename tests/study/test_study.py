@@ -278,3 +278,48 @@ def test_run_cache_key_counts_only_non_default_pretraining_settings():
     same = load_config("fmnist_tiny", ["train.log_every=7", "eval.knn_k=5", "train.amp=auto"])
     assert config_hash(same) == config_hash(base)
     assert config_hash(load_config("fmnist_tiny", ["mask_ratio=0.5"])) != config_hash(base)
+
+
+def test_quick_look_leaves_out_what_the_file_marks(study_file, tmp_path):
+    """A budget below 1 drops the arms and fine-tuning jobs marked ``quick: false`` and uses the
+    quick evaluation points; the claims stay (one on a dropped arm reads "not measured")."""
+    raw = yaml.safe_load(study_file.read_text())
+    s = raw["study"]
+    s["quick_eval_fractions"] = [1.0]
+    s["arms"][1]["quick"] = False  # bar
+    s["finetune"].append({"label_fraction": 1.0, "arms": ["foo", "bar"], "quick": False})
+    path = tmp_path / "marked.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec, base = load_study(path)
+    full = Study(spec, base, tmp_path / "full").spec
+    assert [a.name for a in full.arms] == ["foo", "bar", "zero"] and len(full.finetune) == 2
+    assert full.eval_fractions == [0.34, 0.67, 1.0]
+    quick = Study(spec, base, tmp_path / "quick", budget=0.25).spec
+    assert [a.name for a in quick.arms] == ["foo", "zero"]
+    assert [(j.label_fraction, j.arms) for j in quick.finetune] == [(0.5, ["foo", "zero"])]
+    assert quick.eval_fractions == [1.0] and quick.claims == spec.claims
+    assert [a.name for a in spec.arms] == ["foo", "bar", "zero"]  # the loaded spec is left as it was
+
+    s["arms"][0]["quick"] = False  # the reference must be in the quick look
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="study.reference"):
+        load_study(path)
+
+
+def test_quick_look_runs_and_reports_what_it_left_out(study_file, tmp_path):
+    raw = yaml.safe_load(study_file.read_text())
+    raw["study"]["arms"][1]["quick"] = False
+    raw["study"]["quick_eval_fractions"] = [1.0]
+    path = tmp_path / "marked.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec, base = load_study(path)
+    out = Study(spec, base, tmp_path / "quick", budget=0.5).run()
+    ix = StudyIndex.load(out)
+    assert {r.arm for r in ix.runs} == {"foo", "zero"} and {r.seed for r in ix.runs} == {0}
+    foo = next(r for r in ix.runs if r.arm == "foo")
+    assert foo.eval_steps == [foo.steps]  # quick_eval_fractions: the end of the run only
+    assert [a["name"] for a in ix.spec["arms"]] == ["foo", "bar", "zero"]  # the index keeps the whole file
+    text = write_report(out.parent, tmp_path / "q.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| bar sooner"))
+    assert "not measured" in row
+    assert "- Quick look (budget below 1): it leaves out the arms bar (marked `quick: false`" in text

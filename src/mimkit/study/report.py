@@ -178,8 +178,9 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
     study = Path(study) if study is not None else default_out("fmnist_study")
     out = Path(out)
     ix = StudyIndex.load(study / "study.json")
-    spec = spec_from_dict(ix.spec, ix.name)
-    titles = {a.name: a.title or a.name for a in spec.arms}
+    whole = spec_from_dict(ix.spec, ix.name)
+    spec = whole.quick_look() if ix.budget < 1 else whole  # what ran
+    titles = {a.name: a.title or a.name for a in whole.arms}
     figs = out.parent / out.stem.lower()
     figs.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(figs, out.parent)
@@ -197,7 +198,7 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
              "and plot comes from the study's run index (`study.json`) and run folders, and the page is never "
              f"edited by hand. Machine-readable: [`{rel}/summary.json`]({rel}/summary.json); the whole index: "
              f"[`{rel}/study.json`]({rel}/study.json).", "",
-             "## Setup", "", *setup_lines(ix, spec, study), "",
+             "## Setup", "", *setup_lines(ix, spec, study), *quick_lines(whole, spec, titles), "",
              "## Claims", "",
              "Verdicts: a difference is the mean over seeds; a claimed gain or loss must also exceed "
              "twice its standard error (≥ 2 seeds each side) or the stated tolerance (one seed), else it "
@@ -231,6 +232,18 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
               "finished runs are reused without their checkpoints.", ""]
     out.write_text("\n".join(lines))
     return out
+
+
+def quick_lines(whole: StudySpec, ran: StudySpec, titles: dict[str, str]) -> list[str]:
+    """What a quick look (``--budget`` < 1) left out of the study file, if anything."""
+    arms = [titles[a.name] for a in whole.arms if a not in ran.arms]
+    jobs = [f"at {lf_text(j.label_fraction)} labels" for j in whole.finetune if j not in ran.finetune]
+    if not arms and not jobs:
+        return []
+    left = "; ".join(x for x in ((f"the arms {', '.join(arms)}" if arms else ""),
+                                 (f"fine-tuning {', '.join(jobs)}" if jobs else "")) if x)
+    return [f"- Quick look (budget below 1): it leaves out {left} (marked `quick: false` in the study file); "
+            "claims on them read *not measured*."]
 
 
 def shown(path: Path) -> str:

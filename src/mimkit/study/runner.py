@@ -95,7 +95,8 @@ class Study:
     def __init__(self, spec: StudySpec, base: Config, out: str | Path, budget: float = 1.0, source: str = "") -> None:
         if budget <= 0:
             raise ConfigError(f"--budget must be > 0, got {budget}")
-        self.spec, self.base, self.budget, self.out = spec, base, budget, Path(out)
+        self.spec = spec.quick_look() if budget < 1 else spec  # the index keeps the whole file's
+        self.base, self.budget, self.out = base, budget, Path(out)
         self.path = self.out / "study.json"
         try:
             old = StudyIndex.load(self.path) if self.path.exists() else StudyIndex()
@@ -105,7 +106,7 @@ class Study:
                                 base_config=to_dict(base), calibration=old.calibration)
         self.previous = old  # its runs' results are reused where their folders are gone
         self.kept: set[tuple[str, int]] = set()  # (arm, seed) whose results come from ``previous``
-        planned = {(a.name, seed) for a in spec.arms for seed in self.seeds(a)}
+        planned = {(a.name, seed) for a in self.spec.arms for seed in self.seeds(a)}
         only_here = [f"{r.arm} s{r.seed}" for r in old.runs if (r.arm, r.seed) not in planned
                      and not (self.out / r.folder).exists()]
         if only_here:  # their results live only in this index, which the new one would replace
@@ -116,7 +117,8 @@ class Study:
 
     # --- plan --------------------------------------------------------------------------------
     def seeds(self, arm: Arm) -> list[int]:
-        """The arm's seeds; a budget below 1 keeps the first ceil(budget x n) of them (a quick look)."""
+        """The arm's seeds; a budget below 1 keeps the first ceil(budget x n) of them (a quick look,
+        which also leaves out what the study marks ``quick: false``: :meth:`StudySpec.quick_look`)."""
         return arm.seeds if self.budget >= 1 else arm.seeds[:max(1, math.ceil(self.budget * len(arm.seeds)))]
 
     def steps_per_epoch(self) -> int:

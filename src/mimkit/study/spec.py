@@ -34,6 +34,7 @@ class Arm:
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     pretrain: bool = True  # False: the from-scratch baseline (fine-tuning only)
+    quick: bool = True  # False: left out of a quick look (--budget < 1)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class FinetuneJob:
     arms: list[str] | None = None
     seeds: list[int] | None = None  # None: each arm's seeds
     overrides: list[str] = field(default_factory=list)  # eval.finetune.* changes for this job only
+    quick: bool = True  # False: left out of a quick look (--budget < 1)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class StudySpec:
     warmup: float = 0.1  # pre-training warm-up, a fraction of each run
     eval_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 0.75, 1.0])
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 1.0])  # frozen evaluations
+    quick_eval_fractions: list[float] | None = None  # a quick look's evaluation points (default: eval_fractions)
     arms: list[Arm] = field(default_factory=list)
     finetune: list[FinetuneJob] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
@@ -87,6 +90,18 @@ class StudySpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def quick_look(self) -> StudySpec:
+        """The study a budget below 1 runs: the arms and fine-tuning jobs not marked ``quick: false``
+        and ``quick_eval_fractions``. Claims stay; one on a left-out arm or job reads "not measured"."""
+        out = copy.deepcopy(self)
+        out.arms = [a for a in out.arms if a.quick]
+        kept = {a.name for a in out.arms}
+        out.finetune = [j for j in out.finetune if j.quick and (j.arms is None or kept & set(j.arms))]
+        for j in out.finetune:
+            j.arms = None if j.arms is None else [a for a in j.arms if a in kept]
+        out.eval_fractions = list(out.quick_eval_fractions or out.eval_fractions)
+        return out
 
 
 def study_names() -> list[str]:
@@ -165,11 +180,12 @@ def validate_spec(s: StudySpec, base: Config) -> None:
             raise ConfigError(f"{key}: no arm named '{arm}'; arms: {', '.join(names)}")
 
     known(s.reference, "study.reference")
-    if not s.arm(s.reference).pretrain:
-        raise ConfigError("study.reference: must be a pre-training arm")
+    if not s.arm(s.reference).pretrain or not s.arm(s.reference).quick:
+        raise ConfigError("study.reference: must be a pre-training arm, in the quick look too")
     if s.budget_epochs <= 0 or s.calibration_steps < 3:
         raise ConfigError("study.budget_epochs must be > 0 and study.calibration_steps >= 3")
-    for key, values in (("eval_fractions", s.eval_fractions), ("label_fractions", s.label_fractions)):
+    for key, values in (("eval_fractions", s.eval_fractions), ("label_fractions", s.label_fractions),
+                        ("quick_eval_fractions", s.quick_eval_fractions or [1.0])):
         if not values or any(not 0 < f <= 1 for f in values):
             raise ConfigError(f"study.{key}: values in (0, 1], got {values}")
     for job in s.finetune:
