@@ -198,7 +198,7 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
              "and plot comes from the study's run index (`study.json`) and run folders, and the page is never "
              f"edited by hand. Machine-readable: [`{rel}/summary.json`]({rel}/summary.json); the whole index: "
              f"[`{rel}/study.json`]({rel}/study.json).", "",
-             "## Setup", "", *setup_lines(ix, spec, study), *quick_lines(whole, spec, titles), "",
+             "## Setup", "", *setup_lines(ix, spec, study), *quick_lines(whole, ix.budget, titles), "",
              "## Claims", "",
              "Verdicts: a difference is the mean over seeds; a claimed gain or loss must also exceed "
              "twice its standard error (≥ 2 seeds each side) or the stated tolerance (one seed), else it "
@@ -234,11 +234,11 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
     return out
 
 
-def quick_lines(whole: StudySpec, ran: StudySpec, titles: dict[str, str]) -> list[str]:
+def quick_lines(whole: StudySpec, budget: float, titles: dict[str, str]) -> list[str]:
     """What a quick look (``--budget`` < 1) left out of the study file, if anything."""
-    arms = [titles[a.name] for a in whole.arms if a not in ran.arms]
-    jobs = [f"at {lf_text(j.label_fraction)} labels" for j in whole.finetune if j not in ran.finetune]
-    if not arms and not jobs:
+    arms = [titles[a.name] for a in whole.arms if not a.quick]
+    jobs = [f"at {lf_text(j.label_fraction)} labels" for j in whole.finetune if not j.quick]
+    if budget >= 1 or (not arms and not jobs):
         return []
     left = "; ".join(x for x in ((f"the arms {', '.join(arms)}" if arms else ""),
                                  (f"fine-tuning {', '.join(jobs)}" if jobs else "")) if x)

@@ -100,7 +100,8 @@ class StudySpec:
         out.finetune = [j for j in out.finetune if j.quick and (j.arms is None or kept & set(j.arms))]
         for j in out.finetune:
             j.arms = None if j.arms is None else [a for a in j.arms if a in kept]
-        out.eval_fractions = list(out.quick_eval_fractions or out.eval_fractions)
+        if out.quick_eval_fractions is not None:
+            out.eval_fractions = list(out.quick_eval_fractions)
         return out
 
 
@@ -184,8 +185,10 @@ def validate_spec(s: StudySpec, base: Config) -> None:
         raise ConfigError("study.reference: must be a pre-training arm, in the quick look too")
     if s.budget_epochs <= 0 or s.calibration_steps < 3:
         raise ConfigError("study.budget_epochs must be > 0 and study.calibration_steps >= 3")
-    for key, values in (("eval_fractions", s.eval_fractions), ("label_fractions", s.label_fractions),
-                        ("quick_eval_fractions", s.quick_eval_fractions or [1.0])):
+    fractions = [("eval_fractions", s.eval_fractions), ("label_fractions", s.label_fractions)]
+    if s.quick_eval_fractions is not None:
+        fractions.append(("quick_eval_fractions", s.quick_eval_fractions))
+    for key, values in fractions:
         if not values or any(not 0 < f <= 1 for f in values):
             raise ConfigError(f"study.{key}: values in (0, 1], got {values}")
     for job in s.finetune:
