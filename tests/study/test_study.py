@@ -300,6 +300,11 @@ def test_quick_look_leaves_out_what_the_file_marks(study_file, tmp_path):
     assert quick.eval_fractions == [1.0] and quick.claims == spec.claims
     assert [a.name for a in spec.arms] == ["foo", "bar", "zero"]  # the loaded spec is left as it was
 
+    s["quick_eval_fractions"] = []
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="study.quick_eval_fractions"):
+        load_study(path)
+    s["quick_eval_fractions"] = [1.0]
     s["arms"][0]["quick"] = False  # the reference must be in the quick look
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="study.reference"):
