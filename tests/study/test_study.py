@@ -327,4 +327,4 @@ def test_quick_look_runs_and_reports_what_it_left_out(study_file, tmp_path):
     text = write_report(out.parent, tmp_path / "q.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| bar sooner"))
     assert "not measured" in row
-    assert "- Quick look (budget below 1): it leaves out the arms bar (marked `quick: false`" in text
+    assert "- Quick look (budget below 1): it leaves out the arm *bar* (marked `quick: false`" in text

@@ -240,7 +240,8 @@ def quick_lines(whole: StudySpec, budget: float, titles: dict[str, str]) -> list
     jobs = [f"at {lf_text(j.label_fraction)} labels" for j in whole.finetune if not j.quick]
     if budget >= 1 or (not arms and not jobs):
         return []
-    left = "; ".join(x for x in ((f"the arms {', '.join(arms)}" if arms else ""),
+    named = ", ".join(f"*{t}*" for t in arms)  # a title may hold a comma ("MAE, predict 25 %")
+    left = "; ".join(x for x in ((f"the arm{'s' * (len(arms) > 1)} {named}" if arms else ""),
                                  (f"fine-tuning {', '.join(jobs)}" if jobs else "")) if x)
     return [f"- Quick look (budget below 1): it leaves out {left} (marked `quick: false` in the study file); "
             "claims on them read *not measured*."]
