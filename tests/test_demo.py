@@ -24,10 +24,13 @@ def test_demo_pretrains_evaluates_and_reports(tmp_path, tiny_overrides):
                  "decoder.predict_ratio=0.5"]
     assert main(["demo", "--out", str(out), *overrides]) == 0
     res = json.loads((out / "eval_knn.json").read_text())
-    for key in ("knn_pretrained", "knn_random_init"):
+    for key in ("knn_pretrained", "knn_random_init", "knn_pixels"):
         assert 0.0 <= res[key]["value"] <= 1.0 and res[key]["metric"] == "knn_top1"
     report = (out / "report.md").read_text()
     assert f"**{100 * res['knn_pretrained']['value']:.2f}%**" in report
+    assert f"the input pixels themselves (no encoder) | {100 * res['knn_pixels']['value']:.2f}% |" in report
+    gain = 100 * (res["knn_pretrained"]["value"] - res["knn_random_init"]["value"])
+    assert f"moved the k-NN by {gain:+.2f} points from the random encoder" in report
     assert "32-d encoder, 2 blocks" in report and "predicting\n50 % of the masked patches" in report
     assert "target: pixels" in report and (out / "loss.png").stat().st_size > 0
     assert (out / "reconstructions.png").stat().st_size > 0

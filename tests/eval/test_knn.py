@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from mimkit.eval.knn import knn_classify, knn_monitor, run_knn
+from mimkit.eval.knn import knn_classify, knn_monitor, run_knn, run_pixel_knn
 from mimkit.models import model_from_config
 from mimkit.objectives.mae import MAE
 
@@ -42,3 +42,21 @@ def test_knn_monitor_uses_eval_model_and_restores_mode(make_cfg):
     objective = MAE(model_from_config(cfg), cfg.mask_ratio).train()
     acc = knn_monitor(objective, cfg, torch.device("cpu"))
     assert 0.0 <= acc <= 1.0 and objective.model.training
+
+
+class _Pixels(torch.nn.Module):
+    """An "encoder" whose one token is the flattened image."""
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        return imgs.flatten(1)[:, None, :]
+
+
+def test_pixel_knn_is_run_knn_on_the_input_images(make_cfg):
+    """The demo's yardstick uses run_knn's bank, queries and vote, with the pixels as features."""
+    cfg = make_cfg("eval.feature=cls", "data.label_fraction=0.5")
+    pixels = run_pixel_knn(cfg)
+    same = run_knn(_Pixels(), cfg, torch.device("cpu"))
+    assert pixels["value"] == same["value"] and pixels["bank_size"] == same["bank_size"] == 60
+    assert pixels["feature"] == "pixels" and pixels["test_size"] == 120
+    encoder = run_knn(model_from_config(cfg), cfg, torch.device("cpu"))
+    assert encoder["value"] != pixels["value"]  # a random encoder's features are not the pixels

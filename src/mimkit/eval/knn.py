@@ -78,16 +78,24 @@ def eval_dataset(cfg, split: str, max_samples: int = 0, seed: int = 0, label_fra
     return labelled_dataset(cfg, split, None, label_fraction, max_samples, seed, require_labels)
 
 
-def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples: int = 0) -> dict:
-    """k-NN accuracy of ``encoder`` on cfg's data set: the training split (``data.label_fraction``
-    class-balanced subset, capped by ``eval.max_train_samples``) is the bank, ``eval.split``
-    (test by default, or val) the queries."""
+def knn_loaders(cfg, max_test_samples: int = 0) -> tuple[DataLoader, DataLoader]:
+    """The bank (the training split's ``data.label_fraction`` subset, capped by
+    ``eval.max_train_samples``) and the queries (``eval.split``) of :func:`run_knn`."""
     e = cfg.eval
     kw = dict(batch_size=e.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
     bank = DataLoader(eval_dataset(cfg, "train", e.max_train_samples, cfg.train.seed,
                                    cfg.data.label_fraction, require_labels=True), **kw)
     queries = DataLoader(eval_dataset(cfg, cfg.eval.split, max_test_samples, cfg.train.seed,
                                       require_labels=True), **kw)
+    return bank, queries
+
+
+def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples: int = 0) -> dict:
+    """k-NN accuracy of ``encoder`` on cfg's data set: the training split (``data.label_fraction``
+    class-balanced subset, capped by ``eval.max_train_samples``) is the bank, ``eval.split``
+    (test by default, or val) the queries."""
+    e = cfg.eval
+    bank, queries = knn_loaders(cfg, max_test_samples)
     encoder = encoder.to(device)
     amp = autocast_context(cfg, device)
     fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip(), autocast=amp)
@@ -97,6 +105,25 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
                        num_classes=num_classes)
     return {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
             "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
+
+
+@torch.no_grad()
+def run_pixel_knn(cfg, max_test_samples: int = 0) -> dict:
+    """:func:`run_knn`'s protocol on the input pixels themselves: each image as the evaluation
+    transform gives it (resized, normalised), flattened and ℓ2-normalised. The yardstick an
+    encoder's k-NN is read against (small images: the bank is held in memory as pixels)."""
+    e = cfg.eval
+
+    def pixels(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = list(loader)
+        x = torch.cat([imgs.flatten(1).float() for imgs, _ in batches])
+        return knn_features([x]), torch.cat([torch.as_tensor(labels) for _, labels in batches])
+
+    (fb, lb), (fq, lq) = (pixels(loader) for loader in knn_loaders(cfg, max_test_samples))
+    acc = knn_accuracy(fb, lb, fq, lq, k=e.knn_k, temperature=e.knn_temperature,
+                       num_classes=int(max(lb.max(), lq.max())) + 1)
+    return {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
+            "feature": "pixels", "bank_size": len(lb), "test_size": len(lq)}
 
 
 def knn_monitor(objective_or_model, cfg, device: torch.device) -> float:
