@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from mimkit.eval.knn import knn_classify, knn_monitor, run_knn, run_pixel_knn
+from mimkit.eval.knn import knn_accuracy, knn_classify, knn_loaders, knn_monitor, run_knn, run_pixel_knn
 from mimkit.models import model_from_config
 from mimkit.objectives.mae import MAE
 
@@ -44,19 +44,18 @@ def test_knn_monitor_uses_eval_model_and_restores_mode(make_cfg):
     assert 0.0 <= acc <= 1.0 and objective.model.training
 
 
-class _Pixels(torch.nn.Module):
-    """An "encoder" whose one token is the flattened image."""
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        return imgs.flatten(1)[:, None, :]
-
-
-def test_pixel_knn_is_run_knn_on_the_input_images(make_cfg):
-    """The demo's yardstick uses run_knn's bank, queries and vote, with the pixels as features."""
-    cfg = make_cfg("eval.feature=cls", "data.label_fraction=0.5")
+def test_pixel_knn_is_the_knn_of_the_flattened_input_images(make_cfg):
+    """The demo's and the study's yardstick: run_knn's bank, queries and vote on the pixels."""
+    cfg = make_cfg("eval.feature=both", "data.label_fraction=0.5")
     pixels = run_pixel_knn(cfg)
-    same = run_knn(_Pixels(), cfg, torch.device("cpu"))
-    assert pixels["value"] == same["value"] and pixels["bank_size"] == same["bank_size"] == 60
-    assert pixels["feature"] == "pixels" and pixels["test_size"] == 120
+
+    def flat(loader):
+        x, y = zip(*[(imgs.flatten(1), labels) for imgs, labels in loader], strict=True)
+        return F.normalize(torch.cat(x), dim=1), torch.cat(y)
+
+    bank, queries = knn_loaders(cfg)
+    by_hand = knn_accuracy(*flat(bank), *flat(queries), k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    assert pixels["value"] == by_hand and pixels["bank_size"] == 60 and pixels["test_size"] == 120
+    assert pixels["feature"] == "pixels"
     encoder = run_knn(model_from_config(cfg), cfg, torch.device("cpu"))
     assert encoder["value"] != pixels["value"]  # a random encoder's features are not the pixels

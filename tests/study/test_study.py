@@ -30,8 +30,9 @@ TINY = {
         "label_fractions": [0.5, 1.0],
         "arms": [{"name": "foo", "title": "Foo", "overrides": ["method=mae"], "seeds": [0, 1]},
                  {"name": "bar", "overrides": ["method=rcmae"], "seeds": [0, 1]},
-                 {"name": "zero", "pretrain": False, "seeds": [0, 1]}],
-        "finetune": [{"label_fraction": 0.5, "arms": ["foo", "zero"]}],
+                 {"name": "zero", "pretrain": False, "seeds": [0, 1]},
+                 {"name": "pix", "title": "pixels", "pretrain": False, "baseline": "pixels"}],
+        "finetune": [{"label_fraction": 0.5, "arms": ["foo", "zero"]}, {"label_fraction": 1.0}],
         "claims": [
             {"name": "bar sooner", "rule": "time_to_reference", "arm": "bar", "reference": "foo", "at_most": 1.0},
             {"name": "foo beats zero", "rule": "difference", "arm": "foo", "reference": "zero",
@@ -63,7 +64,7 @@ def test_plan_budget_and_index(study_dir):
     ix = StudyIndex.load(study_dir / "study.json")
     assert {(r.arm, r.seed, r.kind) for r in ix.runs} == {
         ("foo", 0, "pretrain"), ("foo", 1, "pretrain"), ("bar", 0, "pretrain"), ("bar", 1, "pretrain"),
-        ("zero", 0, "scratch"), ("zero", 1, "scratch")}
+        ("zero", 0, "scratch"), ("zero", 1, "scratch"), ("pix", 0, "pixels")}
     cal = {c.arm: c.s_per_step for c in ix.calibration}
     assert ix.budget_s == pytest.approx(1.0 * 8 * cal["foo"])  # 1 epoch of foo = 64 / 8 steps
     for r in ix.runs:
@@ -80,6 +81,14 @@ def test_plan_budget_and_index(study_dir):
     assert ix.final("bar", "knn_top1", 1.0, view="student")  # teacher-student runs: both views
     assert len(ix.final("foo", "finetune_top1", 0.5)) == 2 and len(ix.final("zero", "finetune_top1", 0.5)) == 2
     assert not ix.final("bar", "finetune_top1", 0.5)  # not in the job's arms
+    # The baselines: k-NN and probe once (step 0); the pixels are never fine-tuned, even by a job for all arms
+    for arm, n in (("zero", 2), ("pix", 1)):
+        for metric in ("knn_top1", "linprobe_top1"):
+            for f in (0.5, 1.0):
+                hits = ix.select(arm, metric, f)
+                assert len(hits) == n and {e.step for e in hits} == {0} and all(0 <= e.value <= 1 for e in hits)
+    assert len(ix.final("foo", "finetune_top1", 1.0)) == 2 and len(ix.final("zero", "finetune_top1", 1.0)) == 2
+    assert not ix.select("pix", "finetune_top1")
     assert ix.final("foo", "loss")  # the metrics log, as records
     assert len(ix.final("bar", "pairwise_mse")) == 2  # prediction consistency at the end of each run
 
@@ -129,7 +138,7 @@ def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_p
     assert {(r.arm, r.seed): r for r in new.runs} == {(r.arm, r.seed): r for r in old.runs}
     assert write_report(fresh, tmp_path / "again" / "RESULTS.md").exists()  # loss curves from the index
 
-    spec, base = load_study(study_file, ["study.finetune=[{label_fraction: 1.0, arms: [bar]}]"])
+    spec, base = load_study(study_file, ["study.finetune=[{label_fraction: 0.25, arms: [bar]}]"])
     with pytest.raises(ConfigError, match="no checkpoint to evaluate or fine-tune; delete the folder"):
         Study(spec, base, fresh).run()
     stopped = StudyIndex.load(fresh / "study.json")  # stopped at seed 0: seed 1 is still recorded
@@ -170,7 +179,10 @@ def test_report_is_generic(study_dir, tmp_path):
     text = out.read_text()
     for heading in ("## Setup", "## Claims", "## Arms at the end", "## Time to the reference", "## Plots"):
         assert heading in text
-    assert "| Foo |" in text and "| bar (student) |" in text and "| zero |" in text
+    assert "| Foo |" in text and "| bar (student) |" in text and "| zero |" in text and "| pixels |" in text
+    assert "- Baselines, evaluated once" in text and "pixels: the input pixels themselves" in text
+    times = text.split("## Time to the reference")[1].split("##")[0]
+    assert "| Foo |" in times and "| zero |" not in times and "| pixels |" not in times  # no curve, no time
     # the arms table gives the calibrated minutes (steps x s/step) beside the measured ones
     ix = StudyIndex.load(study_dir / "study.json")
     cal = {c.arm: c.s_per_step for c in ix.calibration}
@@ -192,14 +204,15 @@ def test_report_is_generic(study_dir, tmp_path):
 
 def test_report_names_the_seeds_that_ran(study_dir, tmp_path):
     """A quick look (--budget < 1) runs fewer seeds than the file declares; the page says which."""
-    assert "- Seeds: Foo [0, 1], bar [0, 1], zero [0, 1]." in write_report(study_dir, tmp_path / "a.md").read_text()
+    text = write_report(study_dir, tmp_path / "a.md").read_text()
+    assert "- Seeds: Foo [0, 1], bar [0, 1], zero [0, 1], pixels [0]." in text
     quick = tmp_path / "quick"
     shutil.copytree(study_dir, quick)
     ix = StudyIndex.load(quick / "study.json")
     dataclasses.replace(ix, runs=[r for r in ix.runs if r.seed == 0],
                         evals=[e for e in ix.evals if e.seed == 0]).save(quick / "study.json")
     text = write_report(quick, tmp_path / "b.md").read_text()
-    assert "- Seeds: Foo [0] of [0, 1], bar [0] of [0, 1], zero [0] of [0, 1]." in text
+    assert "- Seeds: Foo [0] of [0, 1], bar [0] of [0, 1], zero [0] of [0, 1], pixels [0]." in text
     # the Reproduce block runs the study into the folder the page was written from
     assert f"mimkit study {ix.source} --out {quick}\n" in text
 
@@ -292,13 +305,26 @@ def test_quick_look_leaves_out_what_the_file_marks(study_file, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     spec, base = load_study(path)
     full = Study(spec, base, tmp_path / "full").spec
-    assert [a.name for a in full.arms] == ["foo", "bar", "zero"] and len(full.finetune) == 2
+    assert [a.name for a in full.arms] == ["foo", "bar", "zero", "pix"] and len(full.finetune) == 3
     assert full.eval_fractions == [0.34, 0.67, 1.0]
     quick = Study(spec, base, tmp_path / "quick", budget=0.25).spec
-    assert [a.name for a in quick.arms] == ["foo", "zero"]
-    assert [(j.label_fraction, j.arms) for j in quick.finetune] == [(0.5, ["foo", "zero"])]
+    assert [a.name for a in quick.arms] == ["foo", "zero", "pix"]
+    assert [(j.label_fraction, j.arms) for j in quick.finetune] == [(0.5, ["foo", "zero"]), (1.0, None)]
     assert quick.eval_fractions == [1.0] and quick.claims == spec.claims
-    assert [a.name for a in spec.arms] == ["foo", "bar", "zero"]  # the loaded spec is left as it was
+    assert [a.name for a in spec.arms] == ["foo", "bar", "zero", "pix"]  # the loaded spec is left as it was
+
+    for arm, error in (({"name": "p2", "baseline": "pixels"}, "baseline must be one of"),
+                       ({"name": "p2", "pretrain": False, "baseline": "noise"}, "baseline must be one of")):
+        bad = yaml.safe_load(study_file.read_text())
+        bad["study"]["arms"].append(arm)
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=error):
+            load_study(path)
+    bad = yaml.safe_load(study_file.read_text())
+    bad["study"]["finetune"].append({"label_fraction": 1.0, "arms": ["pix"]})
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="'pix' is the pixels baseline, which has no encoder to fine-tune"):
+        load_study(path)
 
     s["quick_eval_fractions"] = []
     path.write_text(yaml.safe_dump(raw))
@@ -320,10 +346,10 @@ def test_quick_look_runs_and_reports_what_it_left_out(study_file, tmp_path):
     spec, base = load_study(path)
     out = Study(spec, base, tmp_path / "quick", budget=0.5).run()
     ix = StudyIndex.load(out)
-    assert {r.arm for r in ix.runs} == {"foo", "zero"} and {r.seed for r in ix.runs} == {0}
+    assert {r.arm for r in ix.runs} == {"foo", "zero", "pix"} and {r.seed for r in ix.runs} == {0}
     foo = next(r for r in ix.runs if r.arm == "foo")
     assert foo.eval_steps == [foo.steps]  # quick_eval_fractions: the end of the run only
-    assert [a["name"] for a in ix.spec["arms"]] == ["foo", "bar", "zero"]  # the index keeps the whole file
+    assert [a["name"] for a in ix.spec["arms"]] == ["foo", "bar", "zero", "pix"]  # the index keeps the whole file
     text = write_report(out.parent, tmp_path / "q.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| bar sooner"))
     assert "not measured" in row

@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.eval.common import autocast_context, knn_features, labelled_dataset, pool_tokens, token_parts
+from mimkit.eval.common import (
+    InputPixels,
+    autocast_context,
+    knn_features,
+    labelled_dataset,
+    pool_tokens,
+    token_parts,
+)
 
 
 @torch.no_grad()
@@ -107,23 +114,10 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
             "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
 
 
-@torch.no_grad()
 def run_pixel_knn(cfg, max_test_samples: int = 0) -> dict:
-    """:func:`run_knn`'s protocol on the input pixels themselves: each image as the evaluation
-    transform gives it (resized, normalised), flattened and ℓ2-normalised. The yardstick an
-    encoder's k-NN is read against (small images: the bank is held in memory as pixels)."""
-    e = cfg.eval
-
-    def pixels(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = list(loader)
-        x = torch.cat([imgs.flatten(1).float() for imgs, _ in batches])
-        return knn_features([x]), torch.cat([torch.as_tensor(labels) for _, labels in batches])
-
-    (fb, lb), (fq, lq) = (pixels(loader) for loader in knn_loaders(cfg, max_test_samples))
-    acc = knn_accuracy(fb, lb, fq, lq, k=e.knn_k, temperature=e.knn_temperature,
-                       num_classes=int(max(lb.max(), lq.max())) + 1)
-    return {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
-            "feature": "pixels", "bank_size": len(lb), "test_size": len(lq)}
+    """:func:`run_knn`'s protocol on the input pixels themselves (:class:`InputPixels`: each image
+    as the evaluation transform gives it, flattened): the yardstick an encoder's k-NN is read against."""
+    return {**run_knn(InputPixels(), cfg, torch.device("cpu"), "pixels", max_test_samples), "feature": "pixels"}
 
 
 def knn_monitor(objective_or_model, cfg, device: torch.device) -> float:

@@ -24,7 +24,7 @@ class Calibration:
 class RunRecord:
     arm: str
     seed: int
-    kind: str  # pretrain | scratch
+    kind: str  # pretrain | scratch (random-init baseline) | pixels (baseline)
     folder: str  # relative to the study folder
     config_hash: str
     s_per_step: float  # calibrated (0 for scratch)

@@ -58,6 +58,12 @@ def plot_curves(ix: StudyIndex, spec: StudySpec, path: Path) -> Path:
         for j, f in enumerate(fracs):
             ax = axes[i][j]
             for a in spec.arms:
+                if not a.pretrain:  # a baseline: one value, a horizontal line
+                    pts = ix.curve(a.name, metric, f)
+                    if pts:
+                        ax.axhline(100 * pts[0][1], ls=":", lw=1.2, color="grey" if a.baseline == "pixels" else "black",
+                                   label=f"{a.title or a.name} (no pre-training)")
+                    continue
                 for view in ("auto", "student"):
                     pts = ix.curve(a.name, metric, f, view)
                     if not pts:
@@ -296,10 +302,17 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
         + (f", at most {e.max_train_samples} images" if e.max_train_samples else "") + "); top-1 on the whole "
         "test split.",
         "- Fine-tuning at the end of each run: "
-        + "; ".join(f"{lf_text(j.label_fraction)} labels: {', '.join(j.arms or [a.name for a in spec.arms])}"
+        + "; ".join(f"{lf_text(j.label_fraction)} labels: "
+                    f"{', '.join(j.arms or [a.name for a in spec.arms if a.finetunes])}"
                     + (f" ({' '.join(j.overrides)})" if j.overrides else "") for j in spec.finetune)
         + f" — recipe `eval.finetune` (epochs {b.eval.finetune.epochs} × budget, batch "
         f"{b.eval.finetune.batch_size}, blr {b.eval.finetune.blr:g}, layer decay {b.eval.finetune.layer_decay}).",
+        *([("- Baselines, evaluated once with the same protocols (no pre-training, a horizontal line in the "
+             "plots): " + "; ".join(f"{a.title or a.name}: " + ("the input pixels themselves (each test and bank image "
+                                    "flattened as the features)" if a.baseline == "pixels" else "the encoder at "
+                                    "random initialisation (fine-tuned from there as the from-scratch baseline)")
+                                    for a in spec.arms if not a.pretrain) + ".")]
+          if any(not a.pretrain for a in spec.arms) else []),
         "- Seeds: " + ", ".join(f"{a.title or a.name} {ran[a.name]}"
                                 + (f" of {a.seeds}" if ran[a.name] != a.seeds else "") for a in spec.arms) + ".",
         f"- Compute: {pre_s / 60:.0f} min of pre-training, {eval_s / 60:.0f} min of evaluation and fine-tuning."
@@ -349,7 +362,7 @@ def time_table(ix: StudyIndex, spec: StudySpec, titles: dict[str, str]) -> list[
             "arm's mean curve first reaches the reference's final value.", "",
             "| arm | " + " | ".join(f"{LABELS[m]} {lf_text(f)}" for m, f in cols) + " |",
             "|" + "---|" * (len(cols) + 1)]
-    for a in spec.arms:
+    for a in (a for a in spec.arms if a.pretrain):  # baselines have no curve
         for view in _views(ix, a.name):
             cells = []
             for m, f in cols:

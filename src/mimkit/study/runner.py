@@ -237,9 +237,9 @@ class Study:
         extraction per checkpoint; both views of a teacher-student run; the metrics log's losses and
         accuracies averaged over the steps since the previous point."""
         from mimkit.engine.checkpoint import list_checkpoints, load_file
+        from mimkit.interop.convert import build_mae, read_weights
 
-        settings = digest({"eval": {k: v for k, v in to_dict(self.base)["eval"].items() if k != "finetune"},
-                           "fractions": self.spec.label_fractions})
+        settings = self._frozen_settings()
         ckpts = dict(list_checkpoints(run))
         if (arm.name, rec.seed) in self.kept:  # no folder: the previous index has the views and logs
             old = [e for e in self.previous.evals if (e.arm, e.seed) == (arm.name, rec.seed)]
@@ -262,8 +262,8 @@ class Study:
             wall = step * rec.s_per_step
             for view in views:
                 self._cached(run, rec, {"step": step, "view": view, "settings": settings},
-                             lambda v=view, s=step, w=wall: self._frozen(cfg, checkpoint(s), arm.name, rec.seed, s, w,
-                                                                        v, settings))
+                             lambda v=view, s=step, w=wall: self._frozen(
+                                 cfg, build_mae(read_weights(checkpoint(s), v)), arm.name, rec.seed, s, w, v, settings))
         # EMAE's claim: how much predictions of the same patch differ across masks (lower: more consistent)
         last, n, masks = rec.eval_steps[-1], 1000, 4
         clock = last * rec.s_per_step
@@ -271,6 +271,27 @@ class Study:
                      lambda: [EvalRecord(arm.name, rec.seed, last, clock, "consistency", "pairwise_mse", None, "test",
                                          self._consistency(cfg, checkpoint(last), n, masks), "auto",
                                          digest(["consistency", n, masks]))])
+
+    def _frozen_settings(self) -> str:
+        return digest({"eval": {k: v for k, v in to_dict(self.base)["eval"].items() if k != "finetune"},
+                       "fractions": self.spec.label_fractions})
+
+    def baseline_evals(self, arm: Arm, run: Path, rec: RunRecord) -> None:
+        """k-NN and linear probe of a baseline arm, once (step 0): the study's encoder at a seeded
+        random initialisation (MAE's, seeded by the run's seed), or the input pixels."""
+        from mimkit.eval.common import InputPixels
+        from mimkit.models import model_from_config
+
+        cfg, settings = arm_config(self.base, arm), self._frozen_settings()
+
+        def encoder() -> torch.nn.Module:
+            if arm.baseline == "pixels":
+                return InputPixels()
+            torch.manual_seed(rec.seed)
+            return model_from_config(cfg)
+
+        self._cached(run, rec, {"step": 0, "view": "auto", "settings": settings},
+                     lambda: self._frozen(cfg, encoder(), arm.name, rec.seed, 0, 0.0, "auto", settings))
 
     def _consistency(self, cfg: Config, ckpt: Path, n: int, masks: int) -> float:
         from mimkit.eval.consistency import prediction_consistency
@@ -298,16 +319,15 @@ class Study:
             idx = sorted(idx[i] for i in torch.randperm(len(idx), generator=g)[:cap].tolist())
         return idx
 
-    def _frozen(self, cfg: Config, ckpt: Path, arm: str, seed: int, step: int, wall: float, view: str,
+    def _frozen(self, cfg: Config, model: torch.nn.Module, arm: str, seed: int, step: int, wall: float, view: str,
                 settings: str) -> list[EvalRecord]:
         from torch.utils.data import DataLoader, Subset
 
         from mimkit.eval.common import knn_features
         from mimkit.eval.knn import eval_dataset, extract_features, knn_accuracy
         from mimkit.eval.linprobe import head_accuracy, train_head_on_features
-        from mimkit.interop.convert import build_mae, read_weights
 
-        model = build_mae(read_weights(ckpt, view)).to(self.device)
+        model = model.to(self.device)
         subsets = {f: self._train_indices(cfg, f, seed) for f in self.spec.label_fractions}
         union = sorted(set().union(*subsets.values()))
         kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
@@ -419,12 +439,14 @@ class Study:
                 else:  # fine-tuning only; its results are cached in a folder of its own
                     key = config_hash(arm_config(self.base, a))
                     run = self.out / "runs" / f"{a.name}-s{seed}-{key}"
+                    kind = "pixels" if a.baseline == "pixels" else "scratch"
                     rec = (self._keep(a.name, seed, key, 0, run)
-                           or RunRecord(a.name, seed, "scratch", f"runs/{run.name}", key, 0.0, 0))
+                           or RunRecord(a.name, seed, kind, f"runs/{run.name}", key, 0.0, 0))
                     ix.runs.append(rec)
+                    self.baseline_evals(a, run, rec)
                 self.save()
                 for job in s.finetune:
-                    if a.name in (job.arms or arms) and (job.seeds is None or seed in job.seeds):
+                    if a.finetunes and a.name in (job.arms or arms) and (job.seeds is None or seed in job.seeds):
                         self.finetune(job, a, seed, run, rec)
                         self.save()
         ix.finished = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -23,6 +23,7 @@ from mimkit.objectives import parse_method
 STUDY_DIR = PRESET_DIR / "studies"
 FROZEN = ("knn_top1", "linprobe_top1")  # evaluated at every point along a run, on cached features
 RULES = ("difference", "time_to_reference", "threshold")
+BASELINES = ("random", "pixels")
 
 
 @dataclass
@@ -33,8 +34,16 @@ class Arm:
     title: str = ""  # shown in the report; default: the name
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
-    pretrain: bool = True  # False: the from-scratch baseline (fine-tuning only)
+    pretrain: bool = True  # False: a baseline, evaluated once (no pre-training, no curve)
+    # A baseline's encoder: random (the from-scratch baseline: k-NN and probe of its random
+    # initialisation, and fine-tuning from it) | pixels (k-NN and probe on the input pixels themselves)
+    baseline: str = "random"
     quick: bool = True  # False: left out of a quick look (--budget < 1)
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether fine-tuning jobs apply (not to the pixels)."""
+        return self.pretrain or self.baseline == "random"
 
 
 @dataclass
@@ -171,6 +180,9 @@ def validate_spec(s: StudySpec, base: Config) -> None:
     for a in s.arms:
         if not a.seeds:
             raise ConfigError(f"study.arms: arm '{a.name}' has no seeds")
+        if a.baseline not in BASELINES or (a.pretrain and a.baseline != "random"):
+            raise ConfigError(f"study.arms '{a.name}': baseline must be one of {', '.join(BASELINES)}, on an arm "
+                              f"with pretrain: false; got '{a.baseline}'")
         try:
             parse_method(arm_config(base, a).method)
         except ConfigError as e:
@@ -194,6 +206,9 @@ def validate_spec(s: StudySpec, base: Config) -> None:
     for job in s.finetune:
         for a in job.arms or []:
             known(a, "study.finetune.arms")
+            if not s.arm(a).finetunes:
+                raise ConfigError(f"study.finetune.arms: '{a}' is the pixels baseline, which has no encoder "
+                                  "to fine-tune; remove it from the job")
         if not 0 < job.label_fraction <= 1:
             raise ConfigError(f"study.finetune.label_fraction: in (0, 1], got {job.label_fraction}")
     for c in s.claims:
