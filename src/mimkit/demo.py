@@ -83,9 +83,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -
     speeds = [r["images_per_s"] for r in metrics if "images_per_s" in r]
     median_speed = sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
     save_config(cfg, out / "config.yaml") if not (out / "config.yaml").exists() else None
-    def gain(ref: dict) -> str:
-        return f"{100 * (knn_pre['value'] - ref['value']):+.2f}"
-
+    gain = {name: f"{100 * (knn_pre['value'] - ref['value']):+.2f}"  # points, pre-trained minus each yardstick
+            for name, ref in (("random", knn_rand), ("pixels", knn_pixels))}
     knn_desc = f"k={knn_pre['k']}, T={knn_pre['temperature']}, {knn_pre['feature']} features"
     report = out / "report.md"
     report.write_text(f"""# mimkit demo — MAE on Fashion-MNIST
@@ -108,8 +107,8 @@ images in patches of {model.patch_size}, mask ratio {cfg.mask_ratio}, target: {t
 | hardware | {cpu_name()}, {torch.get_num_threads()} threads, {device} |
 
 k-NN bank: {knn_pre['bank_size']} training images; queries: the {knn_pre['test_size']} test images.
-Pre-training moved the k-NN by {gain(knn_rand)} points from the random encoder, and the encoder is
-{gain(knn_pixels)} points from the pixels themselves (the same bank, queries and k-NN on the flattened
+Pre-training moved the k-NN by {gain['random']} points from the random encoder, and the encoder is
+{gain['pixels']} points from the pixels themselves (the same bank, queries and k-NN on the flattened
 input images). MAE features are known to be weak under k-NN (see docs/evaluation.md): judge them by
 fine-tuning too.
 

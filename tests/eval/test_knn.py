@@ -1,7 +1,16 @@
 import torch
 import torch.nn.functional as F
 
-from mimkit.eval.knn import knn_accuracy, knn_classify, knn_loaders, knn_monitor, run_knn, run_pixel_knn
+from mimkit.eval.common import InputPixels
+from mimkit.eval.knn import (
+    extract_features,
+    knn_accuracy,
+    knn_classify,
+    knn_loaders,
+    knn_monitor,
+    run_knn,
+    run_pixel_knn,
+)
 from mimkit.models import model_from_config
 from mimkit.objectives.mae import MAE
 
@@ -57,5 +66,8 @@ def test_pixel_knn_is_the_knn_of_the_flattened_input_images(make_cfg):
     by_hand = knn_accuracy(*flat(bank), *flat(queries), k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     assert pixels["value"] == by_hand and pixels["bank_size"] == 60 and pixels["test_size"] == 120
     assert pixels["feature"] == "pixels"
-    encoder = run_knn(model_from_config(cfg), cfg, torch.device("cpu"))
-    assert encoder["value"] != pixels["value"]  # a random encoder's features are not the pixels
+    for feature in ("cls", "mean", "both"):  # every k-NN feature of InputPixels is the normalised image
+        feats, labels = extract_features(InputPixels(), queries, torch.device("cpu"), feature)
+        expected, expected_labels = flat(queries)
+        assert torch.allclose(feats @ feats.T, expected @ expected.T, atol=1e-5)
+        assert torch.equal(labels, expected_labels)

@@ -149,6 +149,34 @@ def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_p
         Study(spec, base, fresh, budget=0.5)
 
 
+def test_a_copied_index_whose_baselines_lack_frozen_evals_resumes_twice(study_dir, study_file, tmp_path, monkeypatch):
+    """An index from before the baselines had k-NN and probe records: the first call computes them
+    for the (kept) baseline runs, and the folder it writes carries the index's other records of the
+    run, so a second call recomputes nothing, fine-tunes included."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a result kept in the index was recomputed")
+
+    old = StudyIndex.load(study_dir / "study.json")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    frozen = ("knn", "linprobe")
+    dataclasses.replace(old, evals=[e for e in old.evals if not (e.arm in ("zero", "pix") and e.protocol in frozen)]
+                        ).save(fresh / "study.json")
+    monkeypatch.setattr("mimkit.eval.finetune.run_finetune", boom)
+    monkeypatch.setattr("mimkit.engine.trainer.pretrain", boom)
+    spec, base = load_study(study_file)
+    Study(spec, base, fresh).run()
+    first = StudyIndex.load(fresh / "study.json")
+    for arm, n in (("zero", 2), ("pix", 1)):
+        assert len(first.select(arm, "knn_top1", 1.0)) == n
+    monkeypatch.setattr("mimkit.study.runner.Study._frozen", boom)
+    Study(spec, base, fresh).run()
+    second = StudyIndex.load(fresh / "study.json")
+    key = lambda e: (e.arm, e.seed, e.step, e.protocol, e.metric, e.label_fraction, e.view, e.value)  # noqa: E731
+    assert sorted(map(key, second.evals)) == sorted(map(key, first.evals))
+    assert len(second.final("zero", "finetune_top1", 0.5)) == 2
+
+
 def test_interrupted_run_resumes(study_file, study_dir, monkeypatch):
     ix = StudyIndex.load(study_dir / "study.json")
     rec = next(r for r in ix.runs if r.arm == "bar" and r.seed == 1)
@@ -325,6 +353,14 @@ def test_quick_look_leaves_out_what_the_file_marks(study_file, tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match="'pix' is the pixels baseline, which has no encoder to fine-tune"):
         load_study(path)
+    for claim, error in (({"rule": "time_to_reference", "arm": "foo", "reference": "zero"}, "a baseline"),
+                         ({"rule": "difference", "arm": "foo", "reference": "pix", "metric": "finetune_top1"},
+                          "never fine-tuned")):
+        bad = yaml.safe_load(study_file.read_text())
+        bad["study"]["claims"].append({"name": "c", "at_most": 1.0, **claim})
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=error):
+            load_study(path)
 
     s["quick_eval_fractions"] = []
     path.write_text(yaml.safe_dump(raw))

@@ -97,16 +97,6 @@ def token_parts(tokens: torch.Tensor, feature: str) -> list[torch.Tensor]:
     return {"cls": [cls], "mean": [mean], "both": [cls, mean]}[feature]
 
 
-class InputPixels(torch.nn.Module):
-    """The "encoder" whose features are the input pixels: its tokens are the flattened image, as a
-    class token and as the one patch token, so ``cls``, ``mean`` and ``both`` all read the pixels.
-    The yardstick a pre-trained encoder's k-NN and linear probe are read against (small images)."""
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        x = imgs.flatten(1)
-        return torch.stack([x, x], dim=1)
-
-
 def pool_tokens(tokens: torch.Tensor, feature: str) -> torch.Tensor:
     """The feature (``cls`` | ``mean`` | ``both``, concatenated) of (B, 1+L, D) tokens."""
     return torch.cat(token_parts(tokens, feature), dim=-1)
@@ -118,6 +108,16 @@ def knn_features(parts: list[torch.Tensor]) -> torch.Tensor:
     import torch.nn.functional as F
 
     return F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
+
+
+class InputPixels(torch.nn.Module):
+    """The "encoder" whose features are the input pixels: its tokens are the flattened image, as a
+    class token and as the one patch token, so ``cls``, ``mean`` and ``both`` all read the pixels.
+    The yardstick a pre-trained encoder's k-NN and linear probe are read against (small images)."""
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs.flatten(1)
+        return torch.stack([x, x], dim=1)
 
 
 def autocast_context(cfg, device: torch.device):

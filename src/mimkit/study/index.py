@@ -27,7 +27,7 @@ class RunRecord:
     kind: str  # pretrain | scratch (random-init baseline) | pixels (baseline)
     folder: str  # relative to the study folder
     config_hash: str
-    s_per_step: float  # calibrated (0 for scratch)
+    s_per_step: float  # calibrated (0 for the baselines)
     steps: int
     eval_steps: list[int] = field(default_factory=list)
     train_s: float = 0.0  # measured pre-training wall-clock (data + compute, no checkpoints)

@@ -281,6 +281,7 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
         hosts["not recorded"] = hosts.pop("")
     eval_s = sum(x.seconds for x in ix.evals)
     ran = {a.name: sorted({r.seed for r in ix.runs if r.arm == a.name}) for a in spec.arms}  # --budget < 1: fewer
+    baselines = [a for a in spec.arms if not a.pretrain and ix.select(a.name, "knn_top1")]  # (older studies: none)
     return [
         f"- Data: `{b.data.name}`, {sizes.get('train', '?')} training / {sizes.get('test', '?')} test images "
         f"at {b.model.img_size} px; pre-training crop scale {b.data.crop_scale}, flip {b.data.hflip}.",
@@ -310,9 +311,8 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
         *([("- Baselines, evaluated once with the same protocols (no pre-training, a horizontal line in the "
              "plots): " + "; ".join(f"{a.title or a.name}: " + ("the input pixels themselves (each test and bank image "
                                     "flattened as the features)" if a.baseline == "pixels" else "the encoder at "
-                                    "random initialisation (fine-tuned from there as the from-scratch baseline)")
-                                    for a in spec.arms if not a.pretrain) + ".")]
-          if any(not a.pretrain for a in spec.arms) else []),
+                                    "random initialisation (where the from-scratch fine-tunes start)")
+                                    for a in baselines) + ".")] if baselines else []),
         "- Seeds: " + ", ".join(f"{a.title or a.name} {ran[a.name]}"
                                 + (f" of {a.seeds}" if ran[a.name] != a.seeds else "") for a in spec.arms) + ".",
         f"- Compute: {pre_s / 60:.0f} min of pre-training, {eval_s / 60:.0f} min of evaluation and fine-tuning."

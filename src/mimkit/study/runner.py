@@ -169,13 +169,13 @@ class Study:
         return cfg, points
 
     # --- pre-training ------------------------------------------------------------------------
-    def _keep(self, arm: str, seed: int, key: str, steps: int, run: Path) -> RunRecord | None:
+    def _keep(self, arm: str, seed: int, key: str, steps: int, run: Path, kind: str = "pretrain") -> RunRecord | None:
         """The previous index's record of this run when its folder is gone (the index was copied to
         a new machine): its results are reused instead of recomputed."""
         if run.exists() and any(run.iterdir()):
             return None
         rec = next((r for r in self.previous.runs
-                    if (r.arm, r.seed, r.config_hash, r.steps) == (arm, seed, key, steps)), None)
+                    if (r.arm, r.seed, r.config_hash, r.steps, r.kind) == (arm, seed, key, steps, kind)), None)
         if rec is not None:
             log.info("study: %s: results from the index (its folder is gone)", run.name)
             self.kept.add((arm, seed))
@@ -221,6 +221,10 @@ class Study:
             hits = [e for e in self.previous.evals if (e.arm, e.seed) == (rec.arm, rec.seed)
                     and all(getattr(e, k) == v for k, v in wanted.items())]
         if not hits:
+            if not stored and (rec.arm, rec.seed) in self.kept:
+                # The folder of a run kept from the index starts with the index's records of it, so
+                # that it stands alone when the next call finds the folder (and no longer keeps it).
+                stored = [e for e in self.previous.evals if (e.arm, e.seed) == (rec.arm, rec.seed)]
             run.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             hits = compute()
@@ -283,12 +287,15 @@ class Study:
         from mimkit.models import model_from_config
 
         cfg, settings = arm_config(self.base, arm), self._frozen_settings()
+        if arm.baseline == "pixels":  # never the random encoder's records, should an arm change baseline
+            settings = digest([settings, "pixels"])
 
         def encoder() -> torch.nn.Module:
             if arm.baseline == "pixels":
                 return InputPixels()
-            torch.manual_seed(rec.seed)
-            return model_from_config(cfg)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rec.seed)
+                return model_from_config(cfg)
 
         self._cached(run, rec, {"step": 0, "view": "auto", "settings": settings},
                      lambda: self._frozen(cfg, encoder(), arm.name, rec.seed, 0, 0.0, "auto", settings))
@@ -428,19 +435,19 @@ class Study:
             if a.pretrain:
                 self.calibrate(a)
         for seed in sorted({sd for a in s.arms for sd in self.seeds(a)}):
-            # Each arm is finished (evaluations and fine-tunes) before the next starts, the
-            # fine-tuning-only arms first: minutes each, so a stopped study holds complete pairs.
+            # Each arm is finished (evaluations and fine-tunes) before the next starts, the baselines
+            # first: minutes each, so a stopped study holds complete pairs.
             for a in sorted(s.arms, key=lambda a: a.pretrain):
                 if seed not in self.seeds(a):
                     continue
                 if a.pretrain:
                     run, rec = self.pretrain(a, seed)
                     self.frozen_evals(a, run, rec)
-                else:  # fine-tuning only; its results are cached in a folder of its own
+                else:  # a baseline: evaluated once, fine-tuned unless it is the pixels; cached in a folder of its own
                     key = config_hash(arm_config(self.base, a))
                     run = self.out / "runs" / f"{a.name}-s{seed}-{key}"
                     kind = "pixels" if a.baseline == "pixels" else "scratch"
-                    rec = (self._keep(a.name, seed, key, 0, run)
+                    rec = (self._keep(a.name, seed, key, 0, run, kind)
                            or RunRecord(a.name, seed, kind, f"runs/{run.name}", key, 0.0, 0))
                     ix.runs.append(rec)
                     self.baseline_evals(a, run, rec)

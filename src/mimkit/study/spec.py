@@ -221,3 +221,8 @@ def validate_spec(s: StudySpec, base: Config) -> None:
             raise ConfigError(f"study.claims '{c.name}': give at_least or at_most")
         if c.rule == "time_to_reference" and c.metric not in FROZEN:
             raise ConfigError(f"study.claims '{c.name}': time_to_reference needs a curve ({', '.join(FROZEN)})")
+        if c.rule == "time_to_reference" and not (s.arm(c.arm).pretrain and s.arm(c.reference).pretrain):
+            raise ConfigError(f"study.claims '{c.name}': time_to_reference compares pre-training curves; a "
+                              "baseline (pretrain: false) has none")
+        if c.metric == "finetune_top1" and any(not s.arm(a).finetunes for a in (c.arm, c.reference) if a):
+            raise ConfigError(f"study.claims '{c.name}': the pixels baseline is never fine-tuned")
