@@ -221,8 +221,17 @@ def test_report_is_generic(study_dir, tmp_path):
     assert "`synthetic`" in text and "patch 4" in text and "torch " in text
     for name in ("MAE", "EMAE", "RC-MAE", "MixedAE", "Fashion"):
         assert name not in text
-    for png in ("accuracy_vs_time.png", "loss_vs_time.png", "recon_foo.png", "recon_bar.png"):
+    first = {arm: Path(next(r.folder for r in ix.runs if r.arm == arm)).name for arm in ("foo", "bar")}
+    recons = [f"recon_{first['foo']}.png", f"recon_{first['bar']}.png"]
+    for png in ("accuracy_vs_time.png", "loss_vs_time.png", *recons):
         assert (tmp_path / "results" / png).stat().st_size > 1000
+    # Rewritten from a copy of the index alone (no checkpoints here): the pictures of its runs stay
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    shutil.copy(study_dir / "study.json", copied / "study.json")
+    assert all(f"results/{png})" in write_report(copied, out).read_text() for png in recons)
+    assert sorted(p.name for p in (tmp_path / "results").glob("recon_*.png")) == sorted(recons)
+    assert "Reconstructions" not in write_report(copied, tmp_path / "elsewhere" / "RESULTS.md").read_text()
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert {c["name"] for c in summary["claims"]} == {c["name"] for c in TINY["study"]["claims"]}
     assert all(c["verdict"] for c in summary["claims"])

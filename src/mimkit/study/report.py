@@ -120,7 +120,9 @@ def plot_losses(ix: StudyIndex, spec: StudySpec, path: Path) -> Path:
 
 
 def save_reconstructions(ix: StudyIndex, study: Path, out_dir: Path) -> dict[str, Path]:
-    """The same test images and masks through the last checkpoint of each arm's first run."""
+    """The same test images and masks through the last checkpoint of each arm's first run, in
+    ``recon_<run folder>.png``. An arm none of whose runs has its checkpoints here (a study resumed
+    from a copied index) keeps the picture an earlier report drew of one of its runs, if any."""
     import torch
 
     import mimkit
@@ -135,14 +137,19 @@ def save_reconstructions(ix: StudyIndex, study: Path, out_dir: Path) -> dict[str
         ckpts = list_checkpoints(study / r.folder) if r.kind == "pretrain" else []
         if r.arm in paths or not ckpts:
             continue
+        path = out_dir / f"recon_{Path(r.folder).name}.png"
         cfg = saved_config(study / r.folder)
         model = mimkit.load_model(ckpts[-1][1])
         test = eval_dataset(cfg, "test")
         imgs = torch.stack([test[i][0] for i in range(6)])
         noise = torch.rand(6, model.num_patches, generator=torch.Generator().manual_seed(0))
         mean, std = stats_for(cfg)
-        paths[r.arm] = save_reconstruction_grid(model, imgs, out_dir / f"recon_{r.arm}.png", mean, std, noise,
+        paths[r.arm] = save_reconstruction_grid(model, imgs, path, mean, std, noise,
                                                 upscale=max(1, 96 // cfg.model.img_size))
+    for r in ix.runs:  # runs of this index drawn by an earlier report, their checkpoints gone
+        earlier = out_dir / f"recon_{Path(r.folder).name}.png"
+        if r.kind == "pretrain" and r.arm not in paths and earlier.exists():
+            paths[r.arm] = earlier
     return paths
 
 
@@ -193,7 +200,7 @@ def write_report(study: str | Path | None = None, out: str | Path = "docs/RESULT
     plot_curves(ix, spec, figs / "accuracy_vs_time.png")
     plot_losses(ix, spec, figs / "loss_vs_time.png")
     recon = save_reconstructions(ix, study, figs)
-    for old in set(figs.glob("recon_*.png")) - set(recon.values()):  # arms whose checkpoints are gone
+    for old in set(figs.glob("recon_*.png")) - set(recon.values()):  # runs no longer shown
         old.unlink()
     verdicts = claim_rows(ix, spec)
     write_summary(ix, verdicts, figs / "summary.json")
@@ -279,6 +286,8 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
             hosts.setdefault(r.host, []).append(f"{r.arm} s{r.seed}")
     if "" in hosts:
         hosts["not recorded"] = hosts.pop("")
+    here = env.get("gpu") or env.get("cpu")  # the machine of the last call
+    by_machine = len(hosts) > 1 or any(h != here for h in hosts)
     eval_s = sum(x.seconds for x in ix.evals)
     ran = {a.name: sorted({r.seed for r in ix.runs if r.arm == a.name}) for a in spec.arms}  # --budget < 1: fewer
     baselines = [a for a in spec.arms if not a.pretrain and ix.select(a.name, "knn_top1")]  # (older studies: none)
@@ -317,13 +326,14 @@ def setup_lines(ix: StudyIndex, spec: StudySpec, study: Path) -> list[str]:
                                 + (f" of {a.seeds}" if ran[a.name] != a.seeds else "") for a in spec.arms) + ".",
         f"- Compute: {pre_s / 60:.0f} min of pre-training, {eval_s / 60:.0f} min of evaluation and fine-tuning."
         + (f" Finished {ix.finished}." if ix.finished else " (study not finished)"),
-        f"- Hardware and versions: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, "
+        f"- Hardware and versions{' of the last call' if by_machine else ''}: {env.get('cpu', '?')} "
+        f"({env.get('cpu_count', '?')} cores, "
         f"{env.get('torch_threads', '?')} torch threads), device {env.get('device', '?')}"
         + (f" ({env['gpu']})" if env.get("gpu") else "")
         + f"; Python {env.get('python', '?')}, torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, "
         f"mimkit {env.get('mimkit', '?')}; {env.get('platform', '')}.",
         *(["- Pre-training runs by machine: " + "; ".join(f"{h}: {', '.join(r)}" for h, r in hosts.items()) + "."]
-          if len(hosts) > 1 or "not recorded" in hosts else []),
+          if by_machine else []),
     ]
 
 
