@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mimkit.eval.run import evaluate
 
     record, path = evaluate(args.protocol, args.checkpoint, args.config, args.out, args.from_scratch,
-                            args.overrides, args.weights)
+                            args.overrides, args.weights, getattr(args, "pixels", False))
     print(f"{record['metric']} = {100 * record['value']:.2f}%  ({record['timings']['wall_s']:.0f} s) -> {path}")
 
 
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", default=None,
                        help="folder for eval_<protocol>.json (default: the checkpoint's folder)")
         q.add_argument("--from-scratch", action="store_true", help="same recipe from a random initialisation")
+        if name != "finetune":
+            q.add_argument("--pixels", action="store_true",
+                           help="the same protocol on the input pixels themselves: the yardstick")
         q.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
         q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
         q.set_defaults(func=cmd_eval)

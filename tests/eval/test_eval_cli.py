@@ -40,6 +40,23 @@ def test_from_scratch_needs_no_checkpoint(tiny_cfg, tmp_path):
     assert rec["from_scratch"] and rec["checkpoint_sha256"] is None
 
 
+def test_pixels_are_the_yardstick_of_knn_and_linprobe(tiny_ckpt, tiny_cfg, tmp_path, capsys):
+    """``--pixels``: the same protocol with the input images as the features, beside the encoder's result."""
+    from mimkit.eval.knn import run_pixel_knn
+
+    assert main(["eval", "knn", "--pixels", "--checkpoint", str(tiny_ckpt)]) == 0  # the checkpoint lends its config
+    rec = json.loads((tiny_ckpt.parent / "eval_knn_pixels.json").read_text())
+    assert rec["pixels"] and rec["checkpoint_sha256"] is None
+    assert rec["value"] == run_pixel_knn(tiny_cfg)["value"]
+    assert not (tiny_ckpt.parent / "eval_knn.json").exists()  # the encoder's result is not overwritten
+    out = tmp_path / "pix"
+    assert main(["eval", "linprobe", "--pixels", "--checkpoint", str(tiny_ckpt), "--out", str(out),
+                 "eval.linprobe.epochs=2"]) == 0
+    assert 0 <= json.loads((out / "eval_linprobe_pixels.json").read_text())["value"] <= 1
+    assert main(["eval", "knn", "--pixels", "--from-scratch", "--checkpoint", str(tiny_ckpt), "--out", str(out)]) == 2
+    assert "--pixels: the input pixels have no encoder" in capsys.readouterr().err
+
+
 def test_foreign_checkpoint_needs_config(tiny_cfg, tmp_path, capsys):
     torch.save(to_official(model_from_config(tiny_cfg)), tmp_path / "official.pth")
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "official.pth")]) == 2

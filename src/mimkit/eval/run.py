@@ -27,24 +27,26 @@ def resolve_config(saved: dict | None, config: str | Path | None, overrides: lis
     if source is not None:
         raise ConfigError(f"{source} carries no mimkit config: give --config (a preset or YAML "
                           "file naming the data set and image size)")
-    raise ConfigError("give --checkpoint, or --config with --from-scratch")
+    raise ConfigError("give --checkpoint, or --config with --from-scratch or --pixels")
 
 
-def result_name(protocol: str, from_scratch: bool, label_fraction: float) -> str:
-    """``eval_<protocol>.json``; from-scratch and label-fraction runs get a suffix so they never
-    overwrite the default result."""
+def result_name(protocol: str, from_scratch: bool, label_fraction: float, pixels: bool = False) -> str:
+    """``eval_<protocol>.json``; from-scratch, pixels and label-fraction runs get a suffix so they
+    never overwrite the default result."""
     name = f"eval_{protocol}"
     if from_scratch:
         name += "_scratch"
+    if pixels:
+        name += "_pixels"
     if label_fraction < 1.0:
         name += f"_lf{label_fraction:g}"
     return name + ".json"
 
 
-def result_path(out: Path, protocol: str, from_scratch: bool, cfg: Config) -> Path:
+def result_path(out: Path, protocol: str, from_scratch: bool, cfg: Config, pixels: bool = False) -> Path:
     """Where the result of ``protocol`` goes in ``out``; a val number never overwrites the
     published test number."""
-    path = out / result_name(protocol, from_scratch, cfg.data.label_fraction)
+    path = out / result_name(protocol, from_scratch, cfg.data.label_fraction, pixels)
     if cfg.eval.split != "test":
         path = path.with_name(f"{path.stem}_{cfg.eval.split}{path.suffix}")
     return path
@@ -60,13 +62,15 @@ def _encoder_for_features(cfg: Config, w):
 
 def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | Path | None = None,
              out: str | Path | None = None, from_scratch: bool = False, overrides: list[str] | tuple = (),
-             weights: str = "auto") -> tuple[dict, Path]:
+             weights: str = "auto", pixels: bool = False) -> tuple[dict, Path]:
     """Run ``protocol`` (knn | linprobe | finetune) and write its JSON result.
 
     The config gives data and evaluation settings (``--config``; default: the checkpoint's saved
     config). The encoder comes from ``checkpoint`` (any format ``mimkit.load_encoder`` reads) or,
     with ``from_scratch``, is a random initialisation of cfg's architecture (the checkpoint's
-    config when one is given, so pre-trained and scratch runs match). The result goes to
+    config when one is given, so pre-trained and scratch runs match). With ``pixels`` (knn and
+    linprobe), the features are the input images themselves (:class:`~mimkit.eval.common.InputPixels`):
+    the yardstick an encoder's numbers are read against. The result goes to
     ``out`` (default: the checkpoint's folder). Returns (result, path).
     """
     from mimkit.engine.checkpoint import atomic_write_text
@@ -76,8 +80,12 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if checkpoint is None and not from_scratch:
-        raise ConfigError("give --checkpoint (or --from-scratch for a random initialisation)")
+    if pixels and (protocol == "finetune" or from_scratch):
+        raise ConfigError("--pixels: the input pixels have no encoder to fine-tune or initialise; use it with "
+                          "knn or linprobe, without --from-scratch")
+    if checkpoint is None and not (from_scratch or pixels):
+        raise ConfigError("give --checkpoint (or --from-scratch for a random initialisation, --pixels for the "
+                          "input pixels)")
     setup_logging()
     w = read_weights(checkpoint, weights) if checkpoint is not None else None  # read once
     cfg = resolve_config(w.config if w else None, config, overrides, checkpoint)
@@ -91,10 +99,10 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     if w is not None and w.arch["in_chans"] != cfg.model.in_chans:
         raise ConfigError(f"model.in_chans is {cfg.model.in_chans} but {checkpoint} was trained on "
                           f"{w.arch['in_chans']}-channel images; set model.in_chans={w.arch['in_chans']}")
-    if from_scratch:
+    if from_scratch or pixels:
         w = None  # the checkpoint only lent its config
     device = pick_device(cfg.train.device)
-    sha = None if checkpoint is None or from_scratch else sha256_file(checkpoint)
+    sha = None if checkpoint is None or from_scratch or pixels else sha256_file(checkpoint)
     t0 = time.perf_counter()
     if protocol == "finetune":
         from mimkit.eval.common import labelled_dataset, num_classes_of
@@ -107,7 +115,9 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         result = run_finetune(model, cfg, device, state_path=state,
                               source=None if sha is None else f"{sha} ({weights})")
     else:
-        encoder = _encoder_for_features(cfg, w)
+        from mimkit.eval.common import InputPixels
+
+        encoder = InputPixels() if pixels else _encoder_for_features(cfg, w)
         if protocol == "knn":
             from mimkit.eval.knn import run_knn
 
@@ -121,14 +131,14 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     timings["wall_s"] = elapsed
     record = {
         "protocol": protocol, "metric": result.pop("metric"), "value": result.pop("value"), "split": cfg.eval.split,
-        "label_fraction": cfg.data.label_fraction, "from_scratch": from_scratch,
+        "label_fraction": cfg.data.label_fraction, "from_scratch": from_scratch, "pixels": pixels,
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "checkpoint_sha256": sha,
         "weights": weights, "details": result, "timings": timings,
         "device": f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
     }
-    path = result_path(out, protocol, from_scratch, cfg)
+    path = result_path(out, protocol, from_scratch, cfg, pixels)
     atomic_write_text(path, json.dumps(record, indent=2))
     if protocol == "finetune":
         state.unlink(missing_ok=True)  # only now: a kill before the write must not lose the run
