@@ -169,13 +169,13 @@ class Study:
         return cfg, points
 
     # --- pre-training ------------------------------------------------------------------------
-    def _keep(self, arm: str, seed: int, key: str, steps: int, run: Path, kind: str = "pretrain") -> RunRecord | None:
+    def _keep(self, arm: str, seed: int, key: str, steps: int, run: Path) -> RunRecord | None:
         """The previous index's record of this run when its folder is gone (the index was copied to
         a new machine): its results are reused instead of recomputed."""
         if run.exists() and any(run.iterdir()):
             return None
         rec = next((r for r in self.previous.runs
-                    if (r.arm, r.seed, r.config_hash, r.steps, r.kind) == (arm, seed, key, steps, kind)), None)
+                    if (r.arm, r.seed, r.config_hash, r.steps) == (arm, seed, key, steps)), None)
         if rec is not None:
             log.info("study: %s: results from the index (its folder is gone)", run.name)
             self.kept.add((arm, seed))
@@ -287,8 +287,6 @@ class Study:
         from mimkit.models import model_from_config
 
         cfg, settings = arm_config(self.base, arm), self._frozen_settings()
-        if arm.baseline == "pixels":  # never the random encoder's records, should an arm change baseline
-            settings = digest([settings, "pixels"])
 
         def encoder() -> torch.nn.Module:
             if arm.baseline == "pixels":
@@ -444,10 +442,12 @@ class Study:
                     run, rec = self.pretrain(a, seed)
                     self.frozen_evals(a, run, rec)
                 else:  # a baseline: evaluated once, fine-tuned unless it is the pixels; cached in a folder of its own
+                    # the key holds the baseline: an arm that changes it starts a folder of its own
                     key = config_hash(arm_config(self.base, a))
+                    key = key if a.baseline == "random" else digest([key, a.baseline])
                     run = self.out / "runs" / f"{a.name}-s{seed}-{key}"
                     kind = "pixels" if a.baseline == "pixels" else "scratch"
-                    rec = (self._keep(a.name, seed, key, 0, run, kind)
+                    rec = (self._keep(a.name, seed, key, 0, run)
                            or RunRecord(a.name, seed, kind, f"runs/{run.name}", key, 0.0, 0))
                     ix.runs.append(rec)
                     self.baseline_evals(a, run, rec)
