@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as e:
-        from mimkit.engine.signals import Preempted
+        from mimkit.engine.signals import EXIT_PREEMPTED, Preempted
 
         if not isinstance(e, Preempted):
             raise
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             msg = f"{msg.split('; continue')[0].split('; run the same')[0]}; run the same study command again to resume"
         print(f"mimkit: {msg}", file=sys.stderr)
-        return 0
+        return EXIT_PREEMPTED  # saved but unfinished: a `&&` chain must not go on
     return 0
 
 

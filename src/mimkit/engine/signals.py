@@ -6,9 +6,15 @@ from __future__ import annotations
 import signal
 import threading
 
+# The CLI's exit status after a stop signal: progress is saved but the run is unfinished, so
+# ``mimkit pretrain ... && mimkit eval ...`` does not go on. 75 is sysexits.h's EX_TEMPFAIL
+# ("temporary failure; try again later"): run the same command again to continue.
+EXIT_PREEMPTED = 75
+
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGUSR1 after saving its progress."""
+    """Training stopped on SIGTERM/SIGUSR1 after saving its progress (CLI exit status
+    :data:`EXIT_PREEMPTED`)."""
 
 
 class StopSignal:
