@@ -99,7 +99,7 @@ def test_index_round_trip(study_dir, tmp_path):
     assert StudyIndex.load(tmp_path / "copy.json") == ix
 
 
-def test_rerun_computes_nothing(study_file, study_dir, monkeypatch):
+def test_rerun_computes_nothing(study_file, study_dir, monkeypatch, caplog):
     def boom(*args, **kwargs):
         raise AssertionError("a cached result was recomputed")
 
@@ -108,10 +108,13 @@ def test_rerun_computes_nothing(study_file, study_dir, monkeypatch):
     monkeypatch.setattr("mimkit.eval.finetune.run_finetune", boom)
     monkeypatch.setattr("mimkit.study.runner.Study._frozen", boom)
     spec, base = load_study(study_file)
-    Study(spec, base, study_dir).run()
+    with caplog.at_level("INFO", logger="mimkit"):
+        Study(spec, base, study_dir).run()
     old, new = json.loads(before), json.loads((study_dir / "study.json").read_text())
     for key in ("runs", "evals", "calibration"):
         assert new[key] == old[key]
+    budget = new["budget_s"]  # the plan is announced once the arms are timed: 4 runs of the budget
+    assert f"study: 4 pre-training runs of {budget:.0f} s each: {4 * budget / 3600:.1f} h" in caplog.text
 
 
 def test_the_index_alone_resumes_on_another_machine(study_file, study_dir, tmp_path, monkeypatch):

@@ -432,6 +432,10 @@ class Study:
         for a in s.arms:
             if a.pretrain:
                 self.calibrate(a)
+        n_runs = sum(len(self.seeds(a)) for a in s.arms if a.pretrain)
+        log.info("study: %d pre-training runs of %.0f s each: %.1f h of pre-training in all (runs already "
+                 "done are skipped), plus evaluations and fine-tuning", n_runs, ix.budget_s,
+                 n_runs * ix.budget_s / 3600)
         for seed in sorted({sd for a in s.arms for sd in self.seeds(a)}):
             # Each arm is finished (evaluations and fine-tunes) before the next starts, the baselines
             # first: minutes each, so a stopped study holds complete pairs.
