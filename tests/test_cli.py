@@ -41,3 +41,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "mimkit", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+def test_a_stopped_run_exits_75_with_the_command_that_continues_it(monkeypatch, capsys):
+    """A stop signal saves progress and exits EX_TEMPFAIL (not 0: a `&&` chain must not go on with an
+    unfinished run); the hint names what continues it, which for demo and study is the same command."""
+    from mimkit.engine.signals import EXIT_PREEMPTED, Preempted
+
+    def stopped(*args, **kwargs):
+        raise Preempted("SIGTERM received: checkpoint at step 3 written to runs/x; continue with --resume")
+
+    monkeypatch.setattr("mimkit.demo.run_demo", stopped)
+    assert EXIT_PREEMPTED == 75 and main(["demo", "--out", "runs/x"]) == 75
+    err = capsys.readouterr().err
+    assert err == ("mimkit: SIGTERM received: checkpoint at step 3 written to runs/x; "
+                   "run the same demo command again to resume\n")

@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, Preempted):
             raise
         msg = str(e)
-        if args.command == "study":
-            msg = f"{msg.split('; continue')[0].split('; run the same')[0]}; run the same study command again to resume"
+        if args.command in ("study", "demo"):  # these resume by themselves, without --resume
+            msg = (f"{msg.split('; continue')[0].split('; run the same')[0]}; run the same {args.command} "
+                   "command again to resume")
         print(f"mimkit: {msg}", file=sys.stderr)
         return EXIT_PREEMPTED  # saved but unfinished: a `&&` chain must not go on
     return 0
