@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from mimkit.cli import main
@@ -43,16 +44,20 @@ def test_module_entry_point():
     assert out.returncode == 0 and "pretrain" in out.stdout
 
 
-def test_a_stopped_run_exits_75_with_the_command_that_continues_it(monkeypatch, capsys):
+@pytest.mark.parametrize("command, target, hint", [
+    (["demo", "--out", "runs/x"], "mimkit.demo.run_demo", "run the same demo command again to resume"),
+    (["pretrain", "--config", "fmnist_tiny", "--out", "runs/x"], "mimkit.engine.trainer.pretrain",
+     "continue with --resume"),
+])
+def test_a_stopped_run_exits_75_with_the_command_that_continues_it(monkeypatch, capsys, command, target, hint):
     """A stop signal saves progress and exits EX_TEMPFAIL (not 0: a `&&` chain must not go on with an
-    unfinished run); the hint names what continues it, which for demo and study is the same command."""
+    unfinished run); the CLI words the hint for the command: demo and study resume by themselves,
+    pretrain takes --resume (the Python API's own hint is not a command line)."""
     from mimkit.engine.signals import EXIT_PREEMPTED, Preempted
 
     def stopped(*args, **kwargs):
-        raise Preempted("SIGTERM received: checkpoint at step 3 written to runs/x; continue with --resume")
+        raise Preempted("SIGTERM received: checkpoint at step 3 written to runs/x", "continue with resume=True")
 
-    monkeypatch.setattr("mimkit.demo.run_demo", stopped)
-    assert EXIT_PREEMPTED == 75 and main(["demo", "--out", "runs/x"]) == 75
-    err = capsys.readouterr().err
-    assert err == ("mimkit: SIGTERM received: checkpoint at step 3 written to runs/x; "
-                   "run the same demo command again to resume\n")
+    monkeypatch.setattr(target, stopped)
+    assert EXIT_PREEMPTED == 75 and main(command) == 75
+    assert capsys.readouterr().err == f"mimkit: SIGTERM received: checkpoint at step 3 written to runs/x; {hint}\n"

@@ -262,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_hint(command: str) -> str:
+    """How to continue a stopped ``command``: ``pretrain`` takes ``--resume``; the others (demo,
+    study, fine-tuning) pick up their saved progress by themselves."""
+    return "continue with --resume" if command == "pretrain" else f"run the same {command} command again to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -278,19 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "resume with --resume" if args.command == "pretrain" else "run the same command again"
-        print(f"mimkit: interrupted; {hint}", file=sys.stderr)
+        print(f"mimkit: interrupted; {resume_hint(args.command)}", file=sys.stderr)
         return 130
     except Exception as e:
         from mimkit.engine.signals import EXIT_PREEMPTED, Preempted
 
         if not isinstance(e, Preempted):
             raise
-        msg = str(e)
-        if args.command in ("study", "demo"):  # these resume by themselves, without --resume
-            msg = (f"{msg.split('; continue')[0].split('; run the same')[0]}; run the same {args.command} "
-                   "command again to resume")
-        print(f"mimkit: {msg}", file=sys.stderr)
+        print(f"mimkit: {e.saved}; {resume_hint(args.command)}", file=sys.stderr)
         return EXIT_PREEMPTED  # saved but unfinished: a `&&` chain must not go on
     return 0
 

@@ -135,7 +135,7 @@ def test_finetune_stopped_by_a_signal_resumes_exactly(make_cfg, tiny_ckpt, tmp_p
     state = tmp_path / "ft.state.pt"
 
     _interrupt_at(monkeypatch, per_epoch + 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    with pytest.raises(Preempted, match="run the same command again"):
+    with pytest.raises(Preempted, match="same settings and state_path to continue"):
         run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
     assert state.is_file()
     resumed = build_classifier(cfg, 10, tiny_ckpt)

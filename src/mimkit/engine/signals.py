@@ -14,7 +14,12 @@ EXIT_PREEMPTED = 75
 
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after saving its progress (CLI exit status
-    :data:`EXIT_PREEMPTED`)."""
+    :data:`EXIT_PREEMPTED`). ``saved`` says what was saved where; ``hint`` how a Python caller
+    continues (the CLI words its own, per command)."""
+
+    def __init__(self, saved: str, hint: str) -> None:
+        super().__init__(f"{saved}; {hint}")
+        self.saved, self.hint = saved, hint
 
 
 class StopSignal:

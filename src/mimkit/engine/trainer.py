@@ -324,7 +324,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                     barrier(info)
                 if preempted:
                     raise Preempted(f"{stop.received or 'a stop signal'} received: checkpoint at step "
-                                    f"{step} written to {run}; continue with --resume")
+                                    f"{step} written to {run}", "continue with resume=True")
 
                 # --- side work: online k-NN monitor (solo-learn style), reconstruction grid
                 if info.is_main:

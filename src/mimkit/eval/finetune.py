@@ -251,8 +251,8 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
 
     def stop_here(signal_name: str) -> Preempted:
         save()
-        return Preempted(f"{signal_name} received: fine-tuning progress at step {step} saved to "
-                         f"{state_path}; run the same command again to continue")
+        return Preempted(f"{signal_name} received: fine-tuning progress at step {step} saved to {state_path}",
+                         "call again with the same settings and state_path to continue")
 
     log.info("finetune: %d images, %d steps (%d/epoch), batch %d x %d, lr %.3g, layer decay %s, device %s",
              len(train_ds), total, steps_per_epoch, batch, accum, lr, f.layer_decay, device)
