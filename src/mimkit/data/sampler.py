@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -41,3 +41,29 @@ class ShardedEpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(self.num_batches - self.start_batch, 0) * self.batch_size
+
+
+def step_loaders(dataset, batch_size: int, seed: int, step: int, steps_per_epoch: int, total_steps: int, *,
+                 accum_iter: int = 1, rank: int = 0, world_size: int = 1, **loader_kw) -> Iterator[Iterator]:
+    """For each optimizer step from ``step`` to ``total_steps``, the iterator its ``accum_iter``
+    micro-batches come from: one :class:`~torch.utils.data.DataLoader` per epoch over a
+    :class:`ShardedEpochSampler` (``loader_kw`` go to the loader), after ``dataset.set_epoch``.
+
+    The sampler yields whole optimizer steps only, so no micro-batch (and so no gradient) crosses
+    a step or an epoch boundary, and a resume at any step sees exactly the batches it would have.
+    Close the generator (or exhaust it) to stop the loader's workers.
+    """
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler = ShardedEpochSampler(len(dataset), batch_size, seed, epoch, first * accum_iter, rank, world_size,
+                                      accum_iter=accum_iter)
+        loader = iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_kw))
+        try:
+            for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
+                yield loader
+                step += 1
+        finally:  # stop the workers now, even when an error keeps this frame alive
+            shutdown = getattr(loader, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()

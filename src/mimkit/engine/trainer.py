@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 import yaml
 from timm.optim import param_groups_weight_decay
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.config import Config, config_from_dict, config_yaml, to_dict
 from mimkit.data.build import device_augmentation, pretrain_dataset
 from mimkit.data.decode import collate_device
-from mimkit.data.sampler import ShardedEpochSampler
+from mimkit.data.sampler import step_loaders
 from mimkit.engine import parallel
 from mimkit.engine.checkpoint import (
     atomic_write_text,
@@ -100,35 +99,6 @@ def resolve_config(cfg: Config | None, run: Path, resume: bool, overrides) -> tu
     new = config_from_dict(saved, overrides)
     check_resume_compatible(saved, to_dict(new), run)
     return new, state
-
-
-def step_loaders(dataset, cfg: Config, info, device: torch.device, step: int, steps_per_epoch: int,
-                 total_steps: int):
-    """For each optimizer step from ``step`` on, the iterator its ``accum_iter`` micro-batches come from.
-
-    The sampler yields whole optimizer steps only, so no micro-batch (and so no gradient) crosses
-    a step or an epoch boundary, and a resume at any step sees exactly the batches it would have.
-    """
-    t = cfg.train
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = ShardedEpochSampler(len(dataset), t.batch_size, t.seed, epoch, first * t.accum_iter,
-                                      info.rank, info.world_size, accum_iter=t.accum_iter)
-        loader = iter(DataLoader(
-            dataset, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda", drop_last=True,
-            collate_fn=collate_device if cfg.data.decode == "device" else None,
-            prefetch_factor=4 if cfg.data.num_workers else None, worker_init_fn=ignore_stop_signals,
-        ))
-        try:
-            for _ in range(first, min(steps_per_epoch, first + total_steps - step)):
-                yield loader
-                step += 1
-        finally:  # stop the workers now, even when an error keeps this frame alive
-            shutdown = getattr(loader, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
 
 
 def log_knn(logger: MetricLogger, step: int, objective, cfg: Config, device: torch.device) -> None:
@@ -241,7 +211,11 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         return state
 
     objective.train()
-    steps = step_loaders(dataset, cfg, info, device, step, steps_per_epoch, total_steps)
+    steps = step_loaders(dataset, t.batch_size, t.seed, step, steps_per_epoch, total_steps, accum_iter=t.accum_iter,
+                         rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                         collate_fn=collate_device if cfg.data.decode == "device" else None,
+                         prefetch_factor=4 if cfg.data.num_workers else None)
     try:
         with StopSignal() as stop:
             for loader in steps:

@@ -179,7 +179,7 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     """
     from mimkit.data.build import val_fraction
     from mimkit.data.datasets import SeededDataset
-    from mimkit.data.sampler import ShardedEpochSampler
+    from mimkit.data.sampler import step_loaders
     from mimkit.engine.checkpoint import atomic_save
     from mimkit.engine.precision import autocast_for
     from mimkit.engine.signals import Preempted, StopSignal, ignore_stop_signals
@@ -264,47 +264,42 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
         stack.callback(bar.close)
         # Without a place to save progress, a stop signal keeps its default meaning.
         stop = stack.enter_context(StopSignal()) if state_path is not None else StopSignal()
-        while step < total:
-            epoch, first = divmod(step, steps_per_epoch)
-            train_ds.set_epoch(epoch)
-            sampler = ShardedEpochSampler(len(train_ds), batch, seed, epoch, first * accum, accum_iter=accum)
-            loader = iter(DataLoader(train_ds, batch_size=batch, sampler=sampler, drop_last=True,
-                                     num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                                     worker_init_fn=ignore_stop_signals))
-            try:
-                for _ in range(first, min(steps_per_epoch, first + total - step)):
-                    _seed_step(seed, step)
-                    lr_now = warmup_cosine(step, total, warmup, lr, f.min_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_now * group.get("lr_scale", 1.0)
-                    for _micro in range(accum):
-                        imgs, y = next(loader)
-                        imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        if mixup is not None:
-                            imgs, y = mixup(imgs, y)
-                        with autocast:
-                            loss = criterion(model(imgs), y)
-                        loss_value = loss.item()  # one host sync per micro-batch
-                        if not math.isfinite(loss_value):
-                            saved = f" (and delete {state_path}, this run's saved progress)" \
-                                if state_path is not None and state_path.exists() else ""
-                            raise RuntimeError(f"non-finite fine-tuning loss at step {step}; "
-                                               f"lower eval.finetune.blr{saved}")
-                        (loss / accum).backward()
-                        loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
-                    if f.clip_grad is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}", refresh=False)
-                    if stop.received is not None and step % steps_per_epoch and step < total:
-                        raise stop_here(stop.received)
-            finally:  # stop the workers now, even when an error keeps this frame alive
-                shutdown = getattr(loader, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
+        steps = step_loaders(train_ds, batch, seed, step, steps_per_epoch, total, accum_iter=accum,
+                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                             worker_init_fn=ignore_stop_signals)
+        stack.callback(steps.close)  # stops the loader's workers
+        for loader in steps:
+            _seed_step(seed, step)
+            lr_now = warmup_cosine(step, total, warmup, lr, f.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now * group.get("lr_scale", 1.0)
+            for _micro in range(accum):
+                imgs, y = next(loader)
+                imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup is not None:
+                    imgs, y = mixup(imgs, y)
+                with autocast:
+                    loss = criterion(model(imgs), y)
+                loss_value = loss.item()  # one host sync per micro-batch
+                if not math.isfinite(loss_value):
+                    saved = f" (and delete {state_path}, this run's saved progress)" \
+                        if state_path is not None and state_path.exists() else ""
+                    raise RuntimeError(f"non-finite fine-tuning loss at step {step}; "
+                                       f"lower eval.finetune.blr{saved}")
+                (loss / accum).backward()
+                loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
+            if f.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}", refresh=False)
+            if step % steps_per_epoch and step < total:  # mid-epoch
+                if stop.received is not None:
+                    raise stop_here(stop.received)
+                continue
+            epoch = (step - 1) // steps_per_epoch
             row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
             if f.eval_every and ((epoch + 1) % f.eval_every == 0 or step == total) \
                     and not (step == total and curve_loader is test_loader):  # that one comes next
