@@ -210,6 +210,10 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
             state[name] = parallel.submodule_state(full, objective, module)
         return state
 
+    side = info.is_main and t.strategy != "fsdp"  # side work needs the whole model on one rank
+    if info.is_main and not side:
+        log.info("train.strategy=fsdp: no online k-NN monitor or reconstruction grids (the weights are sharded); "
+                 "the checkpoints hold the whole model for mimkit eval and mimkit visualize")
     objective.train()
     steps = step_loaders(dataset, t.batch_size, t.seed, step, steps_per_epoch, total_steps, accum_iter=t.accum_iter,
                          rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
@@ -301,7 +305,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                                     f"{step} written to {run}", "continue with resume=True")
 
                 # --- side work: online k-NN monitor (solo-learn style), reconstruction grid
-                if info.is_main:
+                if side:
                     if is_knn:
                         side_work("online k-NN monitor", log_knn, logger, step, objective, cfg, device)
                     if step == total_steps or (t.vis_every and step % t.vis_every == 0):
@@ -314,5 +318,6 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
         if logger is not None:
             logger.close()
     log.info("finished at step %d; last checkpoint %s", step, last_ckpt)
+    barrier(info)  # no rank tears the process group down while another still works (rank 0's side work)
     cleanup(info)
     return run
