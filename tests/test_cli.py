@@ -61,3 +61,17 @@ def test_a_stopped_run_exits_75_with_the_command_that_continues_it(monkeypatch, 
     monkeypatch.setattr(target, stopped)
     assert EXIT_PREEMPTED == 75 and main(command) == 75
     assert capsys.readouterr().err == f"mimkit: SIGTERM received: checkpoint at step 3 written to runs/x; {hint}\n"
+
+
+@pytest.mark.parametrize("command, hint", [
+    (["eval", "finetune", "--checkpoint", "c.pt"], "; run the same eval finetune command again to resume"),
+    (["eval", "knn", "--checkpoint", "c.pt"], ""),  # nothing saved: it starts over
+    (["eval", "linprobe", "--checkpoint", "c.pt"], ""),
+])
+def test_ctrl_c_promises_a_resume_only_where_one_exists(monkeypatch, capsys, command, hint):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mimkit.eval.run.evaluate", interrupted)
+    assert main(command) == 130
+    assert capsys.readouterr().err == f"mimkit: interrupted{hint}\n"

@@ -262,10 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resume_hint(command: str) -> str:
-    """How to continue a stopped ``command``: ``pretrain`` takes ``--resume``; the others (demo,
-    study, fine-tuning) pick up their saved progress by themselves."""
-    return "continue with --resume" if command == "pretrain" else f"run the same {command} command again to resume"
+def resume_hint(args: argparse.Namespace) -> str:
+    """How to continue a stopped command: ``pretrain`` takes ``--resume``; demo, study and fine-tuning
+    pick up their saved progress by themselves; the rest (k-NN, probe, export, ...) start over."""
+    command = args.command if args.command != "eval" else f"eval {args.protocol}"
+    if command == "pretrain":
+        return "; continue with --resume"
+    if command in ("demo", "study", "eval finetune"):
+        return f"; run the same {command} command again to resume"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,14 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mimkit: interrupted; {resume_hint(args.command)}", file=sys.stderr)
+        print(f"mimkit: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
     except Exception as e:
         from mimkit.engine.signals import EXIT_PREEMPTED, Preempted
 
         if not isinstance(e, Preempted):
             raise
-        print(f"mimkit: {e.saved}; {resume_hint(args.command)}", file=sys.stderr)
+        print(f"mimkit: {e.saved}{resume_hint(args)}", file=sys.stderr)
         return EXIT_PREEMPTED  # saved but unfinished: a `&&` chain must not go on
     return 0
 
