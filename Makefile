@@ -23,7 +23,8 @@ data: setup
 demo: data
 	$(BIN)/mimkit demo --out $(OUT)
 
-# The methods at equal wall-clock on Fashion-MNIST (3-5 h on 2 CPU cores, by the CPU; re-running resumes), then
+# The methods at equal wall-clock on Fashion-MNIST (3.2 h measured on a fast 2-core Xeon, ~7 h on a box half as
+# fast; re-running resumes), then
 # docs/RESULTS.md and its plots from the run folders.
 study: data
 	$(BIN)/mimkit study --config fmnist_study --out $(STUDY)
