@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (with --config: start it if it has not begun)")
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, resumes="continue with --resume")
 
     p = sub.add_parser("visualize", help="reconstruction grid for some images")
     p.add_argument("--checkpoint", required=True)
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the same protocol on the input pixels themselves: the yardstick")
         q.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
         q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
-        q.set_defaults(func=cmd_eval)
+        q.set_defaults(func=cmd_eval, resumes=name == "finetune")  # only fine-tuning saves progress
 
     from mimkit.eval.consistency import add_consistency_args, run_consistency_cli
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pre-train on Fashion-MNIST, evaluate, write a report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the fmnist_demo preset")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, resumes=True)
 
     p = sub.add_parser("study", help="compare the methods on real data (cached, resumable)")
     p.add_argument("--config", default="fmnist_study", help="study preset or YAML file")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fine-tuning jobs, as the study file marks them (0.25 with fmnist_study: 53 min "
                    "measured on 2 CPU cores)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (study.seeds=[0], train.batch_size=128)")
-    p.set_defaults(func=cmd_study)
+    p.set_defaults(func=cmd_study, resumes=True)
 
     p = sub.add_parser("report", help="write RESULTS.md and its plots from a study folder")
     p.add_argument("--study", default=None, help="study folder (default: fmnist_study's)")
@@ -263,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resume_hint(args: argparse.Namespace) -> str:
-    """How to continue a stopped command: ``pretrain`` takes ``--resume``; demo, study and fine-tuning
-    pick up their saved progress by themselves; the rest (k-NN, probe, export, ...) start over."""
-    command = args.command if args.command != "eval" else f"eval {args.protocol}"
-    if command == "pretrain":
-        return "; continue with --resume"
-    if command in ("demo", "study", "eval finetune"):
-        return f"; run the same {command} command again to resume"
-    return ""
+    """How to continue a stopped command, from its parser's ``resumes`` default: a hint of its own
+    (pretrain's --resume), True for the commands that pick up their saved progress by themselves
+    (demo, study, eval finetune), or nothing for those that start over (k-NN, probe, export, ...)."""
+    resumes = getattr(args, "resumes", False)  # not "resume": pretrain's --resume flag
+    if isinstance(resumes, str):
+        return f"; {resumes}"
+    command = " ".join(filter(None, (args.command, getattr(args, "protocol", None))))
+    return f"; run the same {command} command again to resume" if resumes else ""
 
 
 def main(argv: list[str] | None = None) -> int:
