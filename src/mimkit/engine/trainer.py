@@ -232,7 +232,17 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                 sums: dict[str, torch.Tensor] = {}
                 for micro in range(t.accum_iter):
                     t_data = time.perf_counter()
-                    (imgs, noise), _ = next(loader)
+                    try:
+                        (imgs, noise), _ = next(loader)
+                    except RuntimeError:
+                        # A SIGTERM to the whole process group (SLURM) can reach a loader worker that
+                        # a new epoch has just started, before ignore_stop_signals runs in it: that
+                        # worker's death is the stop itself. Step `step` is complete: save it.
+                        if stop.received is None or info.enabled:
+                            raise
+                        last_ckpt = save_checkpoint(run, step, make_state(), t.keep_checkpoints)
+                        raise Preempted(f"{stop.received} received: checkpoint at step {step} written to {run}",
+                                        "continue with resume=True") from None
                     data_time += time.perf_counter() - t_data
                     if on_device:  # data.decode=device: decode, crop and draw the masks here
                         imgs, noise = on_device(imgs, device)
