@@ -149,6 +149,51 @@ def test_finetune_stopped_by_a_signal_resumes_exactly(make_cfg, tiny_ckpt, tmp_p
     assert again["value"] == ref["value"] and again["history"] == ref["history"]
 
 
+def test_finetune_worker_killed_by_the_groups_sigterm_is_a_stop(make_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """A SIGTERM to the whole process group can kill a loader worker that an epoch has just started
+    (before it ignores stop signals): that death is the stop, so progress is saved and resumes exactly."""
+    import os
+    import signal
+
+    import mimkit.data.sampler as sampler
+    from mimkit.engine.signals import Preempted
+
+    monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)
+    cfg = make_cfg(*RESUMABLE)
+    straight = build_classifier(cfg, 10, tiny_ckpt)
+    ref = run_finetune(straight, cfg, torch.device("cpu"))
+    real, dead = sampler.step_loaders, []
+
+    def dying_loaders(*args, **kwargs):  # the loader raises as torch does when a worker was killed
+        steps = real(*args, **kwargs)
+
+        def one(loader):
+            while True:
+                if dead:
+                    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+                yield next(loader)
+
+        class Steps:
+            def __iter__(self):
+                return (one(loader) for loader in steps)
+
+            def close(self):
+                steps.close()
+        return Steps()
+
+    monkeypatch.setattr(sampler, "step_loaders", dying_loaders)
+    _interrupt_at(monkeypatch, ref["steps"] // 3 + 2, lambda: (os.kill(os.getpid(), signal.SIGTERM), dead.append(1)))
+    state = tmp_path / "ft.state.pt"
+    with pytest.raises(Preempted):
+        run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"), state, source="a")
+    monkeypatch.setattr(sampler, "step_loaders", real)
+    resumed = build_classifier(cfg, 10, tiny_ckpt)
+    out = run_finetune(resumed, cfg, torch.device("cpu"), state, source="a")
+    assert out["value"] == ref["value"] and out["history"] == ref["history"]
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finetune_killed_mid_epoch_resumes_from_its_last_epoch(make_cfg, tiny_ckpt, tmp_path, monkeypatch):
     """A kill between saves (here an exception, like kill -9) loses only the unfinished epoch."""
     monkeypatch.setattr("mimkit.eval.finetune.SAVE_EVERY_S", 0.0)

@@ -273,8 +273,17 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
             lr_now = warmup_cosine(step, total, warmup, lr, f.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now * group.get("lr_scale", 1.0)
+            step_loss = loss_sum, loss_n
             for _micro in range(accum):
-                imgs, y = next(loader)
+                try:
+                    imgs, y = next(loader)
+                except RuntimeError:
+                    # A SIGTERM to the whole process group can reach a loader worker that a new epoch
+                    # has just started, before ignore_stop_signals runs in it: that death is the stop.
+                    if stop.received is None:
+                        raise
+                    loss_sum, loss_n = step_loss  # this step is redone on resume
+                    raise stop_here(stop.received) from None
                 imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if mixup is not None:
                     imgs, y = mixup(imgs, y)
