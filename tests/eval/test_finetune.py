@@ -173,13 +173,11 @@ def test_finetune_worker_killed_by_the_groups_sigterm_is_a_stop(make_cfg, tiny_c
                     raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
                 yield next(loader)
 
-        class Steps:
-            def __iter__(self):
-                return (one(loader) for loader in steps)
-
-            def close(self):
-                steps.close()
-        return Steps()
+        try:
+            for loader in steps:
+                yield one(loader)
+        finally:
+            steps.close()
 
     monkeypatch.setattr(sampler, "step_loaders", dying_loaders)
     _interrupt_at(monkeypatch, ref["steps"] // 3 + 2, lambda: (os.kill(os.getpid(), signal.SIGTERM), dead.append(1)))

@@ -240,7 +240,7 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
                         # worker's death is the stop itself. Step `step` is complete: save it.
                         if stop.received is None or info.enabled:
                             raise
-                        last_ckpt = save_checkpoint(run, step, make_state(), t.keep_checkpoints)
+                        save_checkpoint(run, step, make_state(), t.keep_checkpoints)
                         raise Preempted(f"{stop.received} received: checkpoint at step {step} written to {run}",
                                         "continue with resume=True") from None
                     data_time += time.perf_counter() - t_data
