@@ -78,3 +78,19 @@ def test_saved_config_with_stale_keys_still_evaluates(tmp_path, tiny_cfg, save_c
     atomic_save(state, ckpt)
     assert main(["eval", "knn", "--checkpoint", str(ckpt)]) == 0
     assert "emae.sc_warmup_epochs" in caplog.text
+
+
+def test_the_log_names_the_split_and_where_it_came_from(tmp_path, make_cfg, save_ckpt, caplog):
+    """A pre-training run's monitor split rides along in its checkpoint: ``mimkit eval`` says it
+    scores val, and why, instead of leaving the user to find it in the result's name."""
+    ckpt = tmp_path / "run" / "checkpoint-00000001.pt"
+    ckpt.parent.mkdir()
+    save_ckpt(ckpt, make_cfg("data.val_fraction=0.2", "eval.split=val"))
+    caplog.set_level("INFO", logger="mimkit")
+    assert main(["eval", "knn", "--checkpoint", str(ckpt)]) == 0
+    assert f"the val split (eval.split, from the config saved in {ckpt}); eval.split=test" in caplog.text
+    assert (ckpt.parent / "eval_knn_val.json").exists()
+    caplog.clear()
+    assert main(["eval", "knn", "--checkpoint", str(ckpt), "eval.split=test"]) == 0
+    assert "the test split (eval.split, from the command line)\n" in caplog.text + "\n"
+    assert json.loads((ckpt.parent / "eval_knn.json").read_text())["split"] == "test"

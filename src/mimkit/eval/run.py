@@ -30,6 +30,16 @@ def resolve_config(saved: dict | None, config: str | Path | None, overrides: lis
     raise ConfigError("give --checkpoint, or --config with --from-scratch or --pixels")
 
 
+def split_origin(overrides: list[str] | tuple, config: str | Path | None, checkpoint: str | Path | None) -> str:
+    """Where ``eval.split`` came from: a pre-training run's monitor split (often ``val``) rides along
+    in its checkpoint's config, so the log says so rather than scoring val silently."""
+    if any(o.replace(" ", "").startswith("eval.split=") for o in overrides):
+        return "the command line"
+    if config is not None:
+        return f"--config {config}"
+    return f"the config saved in {checkpoint}"
+
+
 def result_name(protocol: str, from_scratch: bool, label_fraction: float, pixels: bool = False) -> str:
     """``eval_<protocol>.json``; from-scratch, pixels and label-fraction runs get a suffix so they
     never overwrite the default result."""
@@ -89,6 +99,9 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     setup_logging()
     w = read_weights(checkpoint, weights) if checkpoint is not None else None  # read once
     cfg = resolve_config(w.config if w else None, config, overrides, checkpoint)
+    log.info("%s: the reported number is on the %s split (eval.split, from %s)%s", protocol, cfg.eval.split,
+             split_origin(overrides, config, checkpoint),
+             "" if cfg.eval.split == "test" else "; eval.split=test gives the number to publish")
     if out is None:
         if checkpoint is None:
             raise ConfigError("--out is required without --checkpoint")
