@@ -114,7 +114,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
     was_training = model.training
     model.eval()
     correct = total = 0
-    for imgs, y in tqdm(loader, desc="test", leave=False, dynamic_ncols=True):
+    for imgs, y in tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True):
         with autocast or nullcontext():
             logits = model(imgs.to(device, non_blocking=True))
         correct += int((logits.argmax(1).cpu() == y).sum())

@@ -106,7 +106,7 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
     encoder = encoder.to(device)
     amp = autocast_context(cfg, device)
     fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip(), autocast=amp)
-    fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} test".strip(), autocast=amp)
+    fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} {cfg.eval.split}".strip(), autocast=amp)
     num_classes = int(max(lb.max(), lq.max())) + 1
     acc = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k, temperature=e.knn_temperature,
                        num_classes=num_classes)
