@@ -33,7 +33,7 @@ def resolve_config(saved: dict | None, config: str | Path | None, overrides: lis
 def split_origin(overrides: list[str] | tuple, config: str | Path | None, checkpoint: str | Path | None) -> str:
     """Where ``eval.split`` came from: a pre-training run's monitor split (often ``val``) rides along
     in its checkpoint's config, so the log says so rather than scoring val silently."""
-    if any(o.replace(" ", "").startswith("eval.split=") for o in overrides):
+    if any(o.split("=", 1)[0].strip() == "eval.split" for o in overrides):  # as config parses them
         return "the command line"
     if config is not None:
         return f"--config {config}"
