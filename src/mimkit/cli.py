@@ -56,8 +56,9 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from mimkit.eval.run import evaluate
 
+    grid = (args.ks, args.temperatures) if getattr(args, "grid", False) else None
     record, path = evaluate(args.protocol, args.checkpoint, args.config, args.out, args.from_scratch,
-                            args.overrides, args.weights, getattr(args, "pixels", False))
+                            args.overrides, args.weights, getattr(args, "pixels", False), grid)
     print(f"{record['metric']} = {100 * record['value']:.2f}%  ({record['timings']['wall_s']:.0f} s) -> {path}")
 
 
@@ -183,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "finetune":
             q.add_argument("--pixels", action="store_true",
                            help="the same protocol on the input pixels themselves: the yardstick")
+        if name == "knn":
+            q.add_argument("--grid", action="store_true",
+                           help="also score every k in --ks and T in --temperatures (one search; val split only)")
+            q.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50, 100, 200], metavar="K")
+            q.add_argument("--temperatures", type=float, nargs="+", default=[0.02, 0.04, 0.07, 0.1, 0.2, 0.5],
+                           metavar="T")
         q.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
         q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
         q.set_defaults(func=cmd_eval, resumes=name == "finetune")  # only fine-tuning saves progress

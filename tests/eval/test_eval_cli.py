@@ -29,6 +29,23 @@ def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path):
     assert not list(out.glob("*.state.pt"))  # the saved progress goes once the result is stored
 
 
+def test_knn_grid_is_chosen_on_val_and_refused_on_test(tmp_path, make_cfg, save_ckpt, capsys):
+    """``--grid`` scores every (k, T) on val beside the configured one; on test it would tune the
+    published number, so it is a one-line error that says how to run it on val."""
+    ckpt = tmp_path / "run" / "checkpoint-00000001.pt"
+    ckpt.parent.mkdir()
+    save_ckpt(ckpt, make_cfg("data.val_fraction=0.2"))
+    assert main(["eval", "knn", "--checkpoint", str(ckpt), "--grid"]) == 2
+    assert "add eval.split=val" in capsys.readouterr().err
+    assert not list(ckpt.parent.glob("eval_knn*.json"))
+    assert main(["eval", "knn", "--checkpoint", str(ckpt), "--grid", "--ks", "3", "20", "--temperatures", "0.07",
+                 "1", "--", "eval.split=val"]) == 0
+    rec = json.loads((ckpt.parent / "eval_knn_val.json").read_text())
+    assert [(r["k"], r["temperature"]) for r in rec["details"]["grid"]] == [(3, 0.07), (3, 1.0), (20, 0.07), (20, 1.0)]
+    configured = [r for r in rec["details"]["grid"] if r["k"] == 20 and r["temperature"] == 0.07]
+    assert abs(configured[0]["top1"] - rec["value"]) < 1e-6 and rec["split"] == "val"
+
+
 def test_from_scratch_needs_no_checkpoint(tiny_cfg, tmp_path):
     from mimkit.config import save_config
 

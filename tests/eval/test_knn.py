@@ -6,6 +6,7 @@ from mimkit.eval.knn import (
     extract_features,
     knn_accuracy,
     knn_classify,
+    knn_grid,
     knn_loaders,
     knn_monitor,
     run_knn,
@@ -38,6 +39,21 @@ def test_chunking_does_not_change_predictions():
     queries = F.normalize(torch.randn(97, 16, generator=g), dim=-1)
     a = knn_classify(bank, labels, queries, k=20, chunk=7)
     assert torch.equal(a, knn_classify(bank, labels, queries, k=20, chunk=4096))
+
+
+def test_grid_scores_each_setting_as_the_plain_knn_does():
+    """One neighbour search for the whole grid gives each (k, T) the accuracy a k-NN of its own gives."""
+    g = torch.Generator().manual_seed(1)
+    bank = F.normalize(torch.randn(200, 8, generator=g), dim=-1)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    queries = F.normalize(torch.randn(90, 8, generator=g), dim=-1)
+    truth = torch.randint(0, 4, (90,), generator=g)
+    grid = knn_grid(bank, labels, queries, truth, ks=[1, 5, 30, 500], temperatures=[0.05, 1.0], chunk=16)
+    assert [(r["k"], r["temperature"]) for r in grid] == [(k, t) for k in (1, 5, 30, 500) for t in (0.05, 1.0)]
+    for r in grid:  # k above the bank's size is the whole bank, as in knn_classify
+        plain = knn_accuracy(bank, labels, queries, truth, k=r["k"], temperature=r["temperature"])
+        assert round(r["top1"] * 90) == round(plain * 90)  # the same number of correct queries
+    assert len({r["top1"] for r in grid}) > 1  # the settings do differ here, so the check above can fail
 
 
 def test_run_knn_with_label_fraction(make_cfg):

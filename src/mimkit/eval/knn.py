@@ -71,6 +71,31 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return torch.cat(preds)
 
 
+@torch.no_grad()
+def knn_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+             test_labels: torch.Tensor, ks: list[int], temperatures: list[float],
+             num_classes: int | None = None, chunk: int = 1024) -> list[dict]:
+    """Top-1 of :func:`knn_classify` for every ``(k, T)`` in ``ks × temperatures``, from one
+    similarity search (the ``max(ks)`` nearest neighbours of each query): the settings are chosen
+    on a validation split for the price of one k-NN. Records ``{"k", "temperature", "top1"}``."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    kmax = min(max(ks), train_feats.shape[0])
+    train_feats = train_feats.to(test_feats.device)
+    train_labels = train_labels.to(test_feats.device)
+    correct = torch.zeros(len(ks), len(temperatures), dtype=torch.long)
+    for i in range(0, test_feats.shape[0], chunk):
+        top_sim, top_idx = (test_feats[i:i + chunk] @ train_feats.T).topk(kmax, dim=1)  # sorted
+        top_labels, truth = train_labels[top_idx], test_labels[i:i + chunk].to(top_sim.device)
+        for a, k in enumerate(ks):
+            for b, t in enumerate(temperatures):
+                votes = torch.zeros(top_sim.shape[0], num_classes, dtype=top_sim.dtype, device=top_sim.device)
+                votes.scatter_add_(1, top_labels[:, :k], (top_sim[:, :k] / t).exp())
+                correct[a, b] += (votes.argmax(1) == truth).sum().cpu()
+    n = test_feats.shape[0]
+    return [{"k": k, "temperature": t, "top1": correct[a, b].item() / n}
+            for a, k in enumerate(ks) for b, t in enumerate(temperatures)]
+
+
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, **kwargs) -> float:
     """Top-1 accuracy of :func:`knn_classify` (keyword arguments are passed on)."""
@@ -97,10 +122,12 @@ def knn_loaders(cfg, max_test_samples: int = 0) -> tuple[DataLoader, DataLoader]
     return bank, queries
 
 
-def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples: int = 0) -> dict:
+def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples: int = 0,
+            grid: tuple[list[int], list[float]] | None = None) -> dict:
     """k-NN accuracy of ``encoder`` on cfg's data set: the training split (``data.label_fraction``
     class-balanced subset, capped by ``eval.max_train_samples``) is the bank, ``eval.split``
-    (test by default, or val) the queries."""
+    (test by default, or val) the queries. ``grid`` (ks, temperatures) adds the top-1 of every
+    setting (:func:`knn_grid`) under ``"grid"``; choosing among them is for a validation split."""
     e = cfg.eval
     bank, queries = knn_loaders(cfg, max_test_samples)
     encoder = encoder.to(device)
@@ -110,8 +137,11 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
     num_classes = int(max(lb.max(), lq.max())) + 1
     acc = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k, temperature=e.knn_temperature,
                        num_classes=num_classes)
-    return {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
-            "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
+    result = {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
+              "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
+    if grid is not None:
+        result["grid"] = knn_grid(fb.to(device), lb, fq.to(device), lq, *grid, num_classes=num_classes)
+    return result
 
 
 def run_pixel_knn(cfg, max_test_samples: int = 0) -> dict:

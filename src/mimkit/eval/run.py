@@ -70,9 +70,23 @@ def _encoder_for_features(cfg: Config, w):
     return timm_encoder(cfg, w, global_pool="token")
 
 
+def log_grid(grid: list[dict], split: str) -> None:
+    """Log a k × T table of k-NN top-1 (%) and its best setting."""
+    temps = sorted({r["temperature"] for r in grid})
+    rows = {}
+    for r in grid:
+        rows.setdefault(r["k"], {})[r["temperature"]] = r["top1"]
+    lines = ["k \\ T " + " ".join(f"{t:>7g}" for t in temps)]
+    lines += [f"{k:>6} " + " ".join(f"{100 * rows[k][t]:7.2f}" for t in temps) for k in sorted(rows)]
+    best = max(grid, key=lambda r: r["top1"])
+    log.info("knn grid, top-1 (%%) on %s:\n%s\nbest: eval.knn_k=%d eval.knn_temperature=%g (%.2f %%)", split,
+             "\n".join(lines), best["k"], best["temperature"], 100 * best["top1"])
+
+
 def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | Path | None = None,
              out: str | Path | None = None, from_scratch: bool = False, overrides: list[str] | tuple = (),
-             weights: str = "auto", pixels: bool = False) -> tuple[dict, Path]:
+             weights: str = "auto", pixels: bool = False,
+             grid: tuple[list[int], list[float]] | None = None) -> tuple[dict, Path]:
     """Run ``protocol`` (knn | linprobe | finetune) and write its JSON result.
 
     The config gives data and evaluation settings (``--config``; default: the checkpoint's saved
@@ -80,8 +94,10 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     with ``from_scratch``, is a random initialisation of cfg's architecture (the checkpoint's
     config when one is given, so pre-trained and scratch runs match). With ``pixels`` (knn and
     linprobe), the features are the input images themselves (:class:`~mimkit.eval.common.InputPixels`):
-    the yardstick an encoder's numbers are read against. The result goes to
-    ``out`` (default: the checkpoint's folder). Returns (result, path).
+    the yardstick an encoder's numbers are read against. ``grid`` (knn only: ks, temperatures)
+    also scores every k-NN setting, on a validation split only: choosing on test would make the
+    published number a tuned one. The result goes to ``out`` (default: the checkpoint's folder).
+    Returns (result, path).
     """
     from mimkit.engine.checkpoint import atomic_write_text
     from mimkit.engine.distributed import pick_device
@@ -96,9 +112,17 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
     if checkpoint is None and not (from_scratch or pixels):
         raise ConfigError("give --checkpoint (or --from-scratch for a random initialisation, --pixels for the "
                           "input pixels)")
+    if grid is not None and protocol != "knn":
+        raise ConfigError("--grid: only the k-NN has a grid (k and temperature); drop it or use `eval knn`")
+    if grid is not None and (min(grid[0]) < 1 or min(grid[1]) <= 0):
+        raise ConfigError(f"--grid: every k must be >= 1 and every temperature > 0, got --ks {grid[0]} "
+                          f"--temperatures {grid[1]}")
     setup_logging()
     w = read_weights(checkpoint, weights) if checkpoint is not None else None  # read once
     cfg = resolve_config(w.config if w else None, config, overrides, checkpoint)
+    if grid is not None and cfg.eval.split == "test":
+        raise ConfigError("--grid chooses k-NN settings, which the test split must not do: add eval.split=val "
+                          "(with data.val_fraction > 0), then score the chosen eval.knn_k/eval.knn_temperature on test")
     log.info("%s: the reported number is on the %s split (eval.split, from %s)%s", protocol, cfg.eval.split,
              split_origin(overrides, config, checkpoint),
              "" if cfg.eval.split == "test" else "; eval.split=test gives the number to publish")
@@ -134,7 +158,9 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         if protocol == "knn":
             from mimkit.eval.knn import run_knn
 
-            result = run_knn(encoder, cfg, device, "knn")
+            result = run_knn(encoder, cfg, device, "knn", grid=grid)
+            if grid is not None:
+                log_grid(result["grid"], cfg.eval.split)
         else:
             from mimkit.eval.linprobe import run_linprobe
 
