@@ -32,6 +32,19 @@ def test_votes_are_weighted_by_similarity():
     assert knn_classify(bank, labels, query, k=3, temperature=100.0).tolist() == [1]  # ~majority
 
 
+def test_a_small_temperature_tends_to_the_nearest_neighbour():
+    """exp(sim / T) overflows float32 for T = 0.01 (e^100); the votes must not, or every class ties at inf."""
+    g = torch.Generator().manual_seed(2)
+    bank = F.normalize(torch.randn(400, 6, generator=g), dim=-1)
+    labels = torch.randint(0, 5, (400,), generator=g)
+    queries = F.normalize(torch.randn(150, 6, generator=g), dim=-1)
+    nearest = knn_classify(bank, labels, queries, k=1)
+    for t in (0.01, 0.002):
+        assert torch.equal(knn_classify(bank, labels, queries, k=50, temperature=t), nearest)
+        grid = knn_grid(bank, labels, queries, nearest, ks=[1, 50], temperatures=[t])
+        assert [r["top1"] for r in grid] == [1.0, 1.0]
+
+
 def test_chunking_does_not_change_predictions():
     g = torch.Generator().manual_seed(0)
     bank = F.normalize(torch.randn(300, 16, generator=g), dim=-1)

@@ -53,7 +53,8 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  chunk: int = 1024) -> torch.Tensor:
     """Predicted labels: votes ``exp(sim/T)`` of the k most similar bank entries.
 
-    Features must be ℓ2-normalised (cosine similarity = dot product). Queries are processed in
+    Features must be ℓ2-normalised (cosine similarity = dot product); the weights are computed
+    relative to each query's nearest similarity, so a small T cannot overflow. Queries are processed in
     chunks of ``chunk`` so memory is ``chunk × bank`` whatever the number of queries.
     """
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -64,7 +65,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     for i in range(0, test_feats.shape[0], chunk):
         sim = test_feats[i:i + chunk] @ train_feats.T
         top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
+        # exp((sim - max sim) / T): the same vote shares as exp(sim / T), which overflows float32
+        # (to inf, and every class ties) once 1 / T passes ~88, e.g. T = 0.01
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         preds.append(votes.argmax(1))
@@ -89,7 +92,7 @@ def knn_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
         for a, k in enumerate(ks):
             for b, t in enumerate(temperatures):
                 votes = torch.zeros(top_sim.shape[0], num_classes, dtype=top_sim.dtype, device=top_sim.device)
-                votes.scatter_add_(1, top_labels[:, :k], (top_sim[:, :k] / t).exp())
+                votes.scatter_add_(1, top_labels[:, :k], ((top_sim[:, :k] - top_sim[:, :1]) / t).exp())
                 correct[a, b] += (votes.argmax(1) == truth).sum().cpu()
     n = test_feats.shape[0]
     return [{"k": k, "temperature": t, "top1": correct[a, b].item() / n}
