@@ -53,6 +53,20 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _numbers(kind: type):
+    """An argparse type: a comma-separated list of ``kind`` (``5,10,20``)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
+                                             f"{'5,10,20' if kind is int else '0.01,0.07'}, got {text!r}") from None
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from mimkit.eval.run import evaluate
 
@@ -187,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "knn":
             q.add_argument("--grid", action="store_true",
                            help="also score every k in --ks and T in --temperatures (one search; val split only)")
-            q.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50, 100, 200], metavar="K")
-            q.add_argument("--temperatures", type=float, nargs="+", default=[0.02, 0.04, 0.07, 0.1, 0.2, 0.5],
-                           metavar="T")
+            q.add_argument("--ks", type=_numbers(int), default="5,10,20,50,100,200", metavar="K,K,...")
+            q.add_argument("--temperatures", type=_numbers(float), default="0.005,0.01,0.02,0.04,0.07,0.1",
+                           metavar="T,T,...")
         q.add_argument("--weights", default="auto", choices=["auto", "teacher", "student"])
         q.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.label_fraction=0.1)")
         q.set_defaults(func=cmd_eval, resumes=name == "finetune")  # only fine-tuning saves progress
