@@ -67,6 +67,10 @@ def test_grid_scores_each_setting_as_the_plain_knn_does():
         plain = knn_accuracy(bank, labels, queries, truth, k=r["k"], temperature=r["temperature"])
         assert round(r["top1"] * 90) == round(plain * 90)  # the same number of correct queries
     assert len({r["top1"] for r in grid}) > 1  # the settings do differ here, so the check above can fail
+    nearest = (queries @ bank.T).topk(30, dim=1).values.mean(0)  # the k-th neighbour's mean similarity
+    for r in grid:
+        assert abs(r["first_similarity"] - nearest[0]) < 1e-5
+        assert r["k"] == 500 or abs(r["kth_similarity"] - nearest[r["k"] - 1]) < 1e-5
 
 
 def test_run_knn_with_label_fraction(make_cfg):

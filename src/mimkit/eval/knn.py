@@ -80,23 +80,28 @@ def knn_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
              num_classes: int | None = None, chunk: int = 1024) -> list[dict]:
     """Top-1 of :func:`knn_classify` for every ``(k, T)`` in ``ks × temperatures``, from one
     similarity search (the ``max(ks)`` nearest neighbours of each query): the settings are chosen
-    on a validation split for the price of one k-NN. Records ``{"k", "temperature", "top1"}``."""
+    on a validation split for the price of one k-NN. Records ``{"k", "temperature", "top1",
+    "kth_similarity"}``, the last the mean cosine similarity of each query's k-th neighbour (with
+    the first's, ``first_similarity``: how crowded the neighbours are, which sets the useful T)."""
     num_classes = num_classes or int(train_labels.max()) + 1
     kmax = min(max(ks), train_feats.shape[0])
     train_feats = train_feats.to(test_feats.device)
     train_labels = train_labels.to(test_feats.device)
     correct = torch.zeros(len(ks), len(temperatures), dtype=torch.long)
+    sim_sum = torch.zeros(kmax, dtype=torch.float64)
     for i in range(0, test_feats.shape[0], chunk):
         top_sim, top_idx = (test_feats[i:i + chunk] @ train_feats.T).topk(kmax, dim=1)  # sorted
         top_labels, truth = train_labels[top_idx], test_labels[i:i + chunk].to(top_sim.device)
+        sim_sum += top_sim.sum(0).double().cpu()
         for a, k in enumerate(ks):
             for b, t in enumerate(temperatures):
                 votes = torch.zeros(top_sim.shape[0], num_classes, dtype=top_sim.dtype, device=top_sim.device)
                 votes.scatter_add_(1, top_labels[:, :k], ((top_sim[:, :k] - top_sim[:, :1]) / t).exp())
                 correct[a, b] += (votes.argmax(1) == truth).sum().cpu()
     n = test_feats.shape[0]
-    return [{"k": k, "temperature": t, "top1": correct[a, b].item() / n}
-            for a, k in enumerate(ks) for b, t in enumerate(temperatures)]
+    sim = sim_sum / n
+    return [{"k": k, "temperature": t, "top1": correct[a, b].item() / n, "kth_similarity": sim[min(k, kmax) - 1].item(),
+             "first_similarity": sim[0].item()} for a, k in enumerate(ks) for b, t in enumerate(temperatures)]
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

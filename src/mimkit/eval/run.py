@@ -78,6 +78,9 @@ def log_grid(grid: list[dict], split: str) -> None:
         rows.setdefault(r["k"], {})[r["temperature"]] = r["top1"]
     lines = ["k \\ T " + " ".join(f"{t:>7g}" for t in temps)]
     lines += [f"{k:>6} " + " ".join(f"{100 * rows[k][t]:7.2f}" for t in temps) for k in sorted(rows)]
+    sims = {1: grid[0]["first_similarity"], **{r["k"]: r["kth_similarity"] for r in grid}}
+    lines.append("mean cosine similarity of the k-th neighbour: "
+                 + ", ".join(f"k={k} {sims[k]:.4f}" for k in sorted(sims)))
     best = max(grid, key=lambda r: r["top1"])
     log.info("knn grid, top-1 (%%) on %s:\n%s\nbest: eval.knn_k=%d eval.knn_temperature=%g (%.2f %%)", split,
              "\n".join(lines), best["k"], best["temperature"], 100 * best["top1"])
