@@ -58,10 +58,13 @@ def _numbers(kind: type):
 
     def parse(text: str) -> list:
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",") if v.strip()]
+            if values:
+                return values
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
-                                             f"{'5,10,20' if kind is int else '0.01,0.07'}, got {text!r}") from None
+            pass
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
+                                         f"{'5,10,20' if kind is int else '0.01,0.07'}, got {text!r}")
 
     parse.__name__ = f"{kind.__name__} list"
     return parse

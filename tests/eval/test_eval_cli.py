@@ -40,6 +40,8 @@ def test_knn_grid_is_chosen_on_val_and_refused_on_test(tmp_path, make_cfg, save_
     assert not list(ckpt.parent.glob("eval_knn*.json"))
     assert main(["eval", "knn", "--checkpoint", str(ckpt), "--grid", "--ks", "3,20", "--temperatures", "0.07,1",
                  "eval.split=val"]) == 0
+    assert main(["eval", "knn", "--checkpoint", str(ckpt), "--grid", "--ks", "0,5", "eval.split=val"]) == 2
+    assert "every k must be >= 1" in capsys.readouterr().err
     rec = json.loads((ckpt.parent / "eval_knn_val.json").read_text())
     assert [(r["k"], r["temperature"]) for r in rec["details"]["grid"]] == [(3, 0.07), (3, 1.0), (20, 0.07), (20, 1.0)]
     configured = [r for r in rec["details"]["grid"] if r["k"] == 20 and r["temperature"] == 0.07]
