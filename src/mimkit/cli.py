@@ -66,7 +66,6 @@ def _numbers(kind: type):
         raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
                                          f"{'5,10,20' if kind is int else '0.01,0.07'}, got {text!r}")
 
-    parse.__name__ = f"{kind.__name__} list"
     return parse
 
 

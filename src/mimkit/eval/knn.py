@@ -65,13 +65,18 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     for i in range(0, test_feats.shape[0], chunk):
         sim = test_feats[i:i + chunk] @ train_feats.T
         top_sim, top_idx = sim.topk(k, dim=1)
-        # exp((sim - max sim) / T): the same vote shares as exp(sim / T), which overflows float32
-        # (to inf, and every class ties) once 1 / T passes ~88, e.g. T = 0.01
-        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        preds.append(votes.argmax(1))
+        preds.append(_vote(top_sim, train_labels[top_idx], temperature, num_classes))
     return torch.cat(preds)
+
+
+def _vote(top_sim: torch.Tensor, top_labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:
+    """The class with the most ``exp(sim / T)`` votes among each row's (sorted) neighbours.
+
+    The weights are ``exp((sim - nearest sim) / T)``: the same shares as ``exp(sim / T)``, which
+    overflows float32 (to inf, and every class ties) once 1 / T passes ~88, e.g. T = 0.01."""
+    weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
+    votes = torch.zeros(top_sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+    return votes.scatter_add_(1, top_labels, weights).argmax(1)
 
 
 @torch.no_grad()
@@ -95,9 +100,7 @@ def knn_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
         sim_sum += top_sim.sum(0).double().cpu()
         for a, k in enumerate(ks):
             for b, t in enumerate(temperatures):
-                votes = torch.zeros(top_sim.shape[0], num_classes, dtype=top_sim.dtype, device=top_sim.device)
-                votes.scatter_add_(1, top_labels[:, :k], ((top_sim[:, :k] - top_sim[:, :1]) / t).exp())
-                correct[a, b] += (votes.argmax(1) == truth).sum().cpu()
+                correct[a, b] += (_vote(top_sim[:, :k], top_labels[:, :k], t, num_classes) == truth).sum().cpu()
     n = test_feats.shape[0]
     sim = sim_sum / n
     return [{"k": k, "temperature": t, "top1": correct[a, b].item() / n, "kth_similarity": sim[min(k, kmax) - 1].item(),
