@@ -94,6 +94,21 @@ def test_pretrain_resume_and_evaluate_from_python(tmp_path, tiny_overrides):
         mimkit.pretrain("fmnist_tiny", tmp_path / "other", train__epoch=1)
 
 
+def test_evaluate_takes_the_cli_flags_from_python(tmp_path, tiny_overrides):
+    """grid, pixels and from_scratch reach the evaluation as `mimkit eval`'s flags do."""
+    run = mimkit.pretrain(load_config("fmnist_tiny", tiny_overrides), tmp_path / "run", train__max_steps=1)
+    small = dict(eval__max_train_samples=32, data__val_fraction=0.25)
+    record = mimkit.evaluate("knn", run.last_checkpoint, grid=([1, 3, 20], [0.07, 0.1]), eval__split="val", **small)
+    cells = sorted((r["k"], r["temperature"]) for r in record["details"]["grid"])
+    assert cells == [(k, t) for k in (1, 3, 20) for t in (0.07, 0.1)]
+    with pytest.raises(ConfigError, match="eval.split=val"):
+        mimkit.evaluate("knn", run.last_checkpoint, grid=([1], [0.1]), **small)
+    pix = mimkit.evaluate("knn", None, run.folder / "config.yaml", tmp_path / "pix", pixels=True, **small)
+    assert pix["pixels"] and pix["details"]["feature"] == "pixels" and (tmp_path / "pix/eval_knn_pixels.json").exists()
+    scratch = mimkit.evaluate("knn", run.last_checkpoint, from_scratch=True, **small)
+    assert scratch["from_scratch"] and (run.folder / "eval_knn_scratch.json").exists()
+
+
 def test_pretrain_on_your_own_dataset_from_python(tmp_path, tiny_overrides, one_thread):
     """A plain list of images (tensors, arrays, PIL, with or without labels) trains, resumes and
     evaluates; a seeded 10 % is held out for reconstructions and evaluation."""

@@ -123,14 +123,18 @@ def pretrain(config_or_preset: Config | str | Path | None, out: str | Path, resu
     return Run.load(out)
 
 
-def evaluate(protocol: str, checkpoint: str | Path, config: Config | str | Path | None = None,
-             out: str | Path | None = None, weights: str = "auto", **overrides: Any) -> dict:
+def evaluate(protocol: str, checkpoint: str | Path | None, config: Config | str | Path | None = None,
+             out: str | Path | None = None, weights: str = "auto", *, from_scratch: bool = False,
+             pixels: bool = False, grid: tuple[list[int], list[float]] | None = None, **overrides: Any) -> dict:
     """Evaluate ``checkpoint`` with ``protocol`` (``knn``, ``linprobe`` or ``finetune``) and return
     the record also written to ``eval_<protocol>.json`` (beside the checkpoint unless ``out``).
 
     The data and evaluation settings are the checkpoint's saved config unless ``config`` (a
     :class:`~mimkit.config.Config`, a preset or a YAML file) is given; keyword overrides as for :func:`pretrain`
-    (``eval__knn_k=10``, ``data__label_fraction=0.1``).
+    (``eval__knn_k=10``, ``data__label_fraction=0.1``). As the CLI's flags: ``from_scratch`` evaluates
+    a random initialisation of the architecture (the checkpoint's, or ``config``'s with ``checkpoint=None``),
+    ``pixels`` the input pixels themselves (knn, linprobe; ``checkpoint=None``), and ``grid=(ks,
+    temperatures)`` also scores every k-NN setting under ``record["grid"]`` (``eval__split="val"`` only).
     """
     import tempfile
 
@@ -141,6 +145,7 @@ def evaluate(protocol: str, checkpoint: str | Path, config: Config | str | Path 
         if isinstance(config, Config):  # the evaluation reads presets and files: write it out
             save_config(config, Path(tmp) / "config.yaml")
             config = Path(tmp) / "config.yaml"
-        record, _ = run_eval(protocol, checkpoint, config, out, overrides=_override_strings(overrides),
-                             weights=weights)
+        record, _ = run_eval(protocol, checkpoint, config, out, from_scratch=from_scratch,
+                             overrides=_override_strings(overrides), weights=weights, pixels=pixels,
+                             grid=None if grid is None else (list(grid[0]), list(grid[1])))
     return record
