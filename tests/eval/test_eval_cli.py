@@ -27,6 +27,23 @@ def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path):
     rec = json.loads((out / "eval_finetune_lf0.5.json").read_text())
     assert rec["label_fraction"] == 0.5 and rec["details"]["train_size"] == 60
     assert not list(out.glob("*.state.pt"))  # the saved progress goes once the result is stored
+    per_class = rec["details"]["per_class_top1"]
+    assert len(per_class) == rec["details"]["num_classes"] and all(0 <= v <= 1 for v in per_class.values())
+
+    # The fine-tuned classifier is kept: timm rebuilds it, and it scores the record's number.
+    import timm
+    from torch.utils.data import DataLoader
+
+    from mimkit.config import config_from_dict
+    from mimkit.eval.common import labelled_dataset
+    from mimkit.eval.finetune import evaluate_classifier
+
+    folder = out / "eval_finetune_lf0.5"
+    assert rec["details"]["classifier"] == str(folder)
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert model.pretrained_cfg["label_names"] == list(per_class)
+    test = labelled_dataset(config_from_dict(rec["config"]), "test")
+    assert evaluate_classifier(model, DataLoader(test, batch_size=64), torch.device("cpu")) == rec["value"]
 
 
 def test_knn_grid_is_chosen_on_val_and_refused_on_test(tmp_path, make_cfg, save_ckpt, capsys):

@@ -56,8 +56,8 @@ def test_the_learning_curve_reads_val_and_test_is_read_once(make_cfg, tiny_ckpt,
 
     cfg = make_cfg("data.val_fraction=0.25", f"eval.split={split}", "eval.finetune.max_steps=null",
                    "eval.finetune.epochs=2", "eval.finetune.eval_every=1")
-    reads, real = [], ft.evaluate_classifier
-    monkeypatch.setattr(ft, "evaluate_classifier", lambda m, loader, *a: reads.append(len(loader.dataset))
+    reads, real = [], ft.confusion_matrix
+    monkeypatch.setattr(ft, "confusion_matrix", lambda m, loader, *a: reads.append(len(loader.dataset))
                         or real(m, loader, *a))
     out = run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))
     assert [sorted(row) for row in out["history"]] == [["epoch", "step", "train_loss", "val_top1"]] * 2
@@ -247,3 +247,31 @@ def test_accumulation_larger_than_the_labelled_set_names_the_fix(make_cfg, tiny_
     cfg = make_cfg("eval.finetune.accum_iter=8", "eval.finetune.batch_size=16")  # 120 images: 7 batches
     with pytest.raises(ConfigError, match="eval.finetune.accum_iter=8 needs 8 batches"):
         run_finetune(build_classifier(cfg, 10, tiny_ckpt), cfg, torch.device("cpu"))
+
+
+def test_per_class_reads_the_confusion_matrix():
+    """Rows are true classes, columns predictions; the worst confusions come first."""
+    from mimkit.eval.finetune import per_class
+
+    counts = torch.tensor([[8, 2, 0], [0, 5, 5], [1, 0, 9]])
+    out = per_class(counts, ["shirt", "coat", "bag"], top=2)
+    assert out["per_class_top1"] == {"shirt": 0.8, "coat": 0.5, "bag": 0.9}
+    assert out["top_confusions"] == [
+        {"true": "coat", "predicted": "bag", "count": 5, "share_of_true": 0.5},
+        {"true": "shirt", "predicted": "coat", "count": 2, "share_of_true": 0.2}]
+
+
+def test_confusion_matrix_counts_predictions():
+    from mimkit.eval.finetune import confusion_matrix, evaluate_classifier
+
+    class Fixed(torch.nn.Module):  # predicts the image's first pixel as the class
+        num_classes = 3
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].long(), 3).float()
+
+    x, y = torch.tensor([[0.0], [1.0], [1.0], [2.0]]), torch.tensor([0, 1, 2, 2])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    counts = confusion_matrix(Fixed(), loader, torch.device("cpu"), 3)
+    assert counts.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert evaluate_classifier(Fixed(), loader, torch.device("cpu")) == 0.75

@@ -63,6 +63,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` to ``path`` atomically."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     _atomic_write(path, lambda f: f.write(text.encode()))

@@ -107,20 +107,60 @@ def lr_scales(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, f
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, autocast=None) -> float:
-    """Top-1 accuracy of ``model`` on ``loader``."""
+def confusion_matrix(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+                     autocast=None) -> torch.Tensor:
+    """(num_classes, num_classes) counts of ``model`` on ``loader``: row = true class, column =
+    predicted class."""
     from contextlib import nullcontext
 
     was_training = model.training
     model.eval()
-    correct = total = 0
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for imgs, y in tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True):
         with autocast or nullcontext():
             logits = model(imgs.to(device, non_blocking=True))
-        correct += int((logits.argmax(1).cpu() == y).sum())
-        total += len(y)
+        counts += torch.bincount(y * num_classes + logits.argmax(1).cpu(), minlength=num_classes * num_classes)
     model.train(was_training)
-    return correct / max(total, 1)
+    return counts.view(num_classes, num_classes)
+
+
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, autocast=None) -> float:
+    """Top-1 accuracy of ``model`` (a classifier with ``num_classes``) on ``loader``."""
+    counts = confusion_matrix(model, loader, device, model.num_classes, autocast)
+    return float(counts.diag().sum()) / max(int(counts.sum()), 1)
+
+
+def per_class(counts: torch.Tensor, names: list[str] | None = None, top: int = 10) -> dict:
+    """Per-class top-1 and the ``top`` most frequent confusions of a :func:`confusion_matrix`
+    (classes named by ``names``, else by index): where a classifier's errors are."""
+    n = counts.shape[0]
+    names = [str(c) for c in range(n)] if names is None or len(names) != n else [str(c) for c in names]
+    totals = counts.sum(1)
+    off = counts.clone()
+    off.fill_diagonal_(0)
+    order = torch.argsort(off.flatten(), descending=True, stable=True)[:top]
+    confusions = [{"true": names[int(i) // n], "predicted": names[int(i) % n], "count": int(off.flatten()[i]),
+                   "share_of_true": float(off.flatten()[i]) / max(int(totals[int(i) // n]), 1)}
+                  for i in order if off.flatten()[i] > 0]
+    return {"per_class_top1": {names[c]: float(counts[c, c]) / max(int(totals[c]), 1) for c in range(n)},
+            "top_confusions": confusions}
+
+
+def save_classifier(model: nn.Module, cfg, out: str | Path, label_names: list[str] | None = None,
+                    source: str | None = None) -> Path:
+    """Write a fine-tuned timm ``VisionTransformer`` (with its head) to the folder ``out`` as
+    ``config.json`` + ``model.safetensors``, with the run's input size, normalization and class
+    names: ``timm.create_model('local-dir:OUT', pretrained=True)`` rebuilds it."""
+    import json
+
+    from mimkit.data import stats_for
+    from mimkit.interop.timm import save_timm_folder, vit_arch
+
+    mean, std = stats_for(cfg)
+    arch = vit_arch(model)
+    meta = {"format": "timm-vit-classifier", "arch": json.dumps(arch), "source": source or "from scratch"}
+    return save_timm_folder(model.state_dict(), arch, out, mean, std, metadata=meta, num_classes=model.num_classes,
+                            global_pool=model.global_pool, label_names=label_names)
 
 
 def _seed_step(seed: int, step: int) -> None:
@@ -162,7 +202,7 @@ def _load_state(path: Path, fingerprint: dict) -> dict | None:
 
 
 def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | Path | None = None,
-                 source: str | None = None) -> dict:
+                 source: str | None = None, classifier_out: str | Path | None = None) -> dict:
     """Fine-tune ``model`` (a timm ViT with a head) with ``eval.finetune`` on the
     ``data.label_fraction`` subset of the training split; top-1 on ``eval.split`` (test, or val
     while choosing settings). Every ``eval_every`` epochs, and at the end, the history also gets
@@ -175,7 +215,9 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     after the last one, and on SIGTERM/SIGUSR1 (then :class:`~mimkit.engine.signals.Preempted` is
     raised), and a later call with the same settings and ``source`` (the encoder's identity, e.g.
     its checkpoint's sha256) continues from it. The caller removes the file once it has stored the
-    result, so a kill at any moment loses at most the steps since the last save.
+    result, so a kill at any moment loses at most the steps since the last save. With
+    ``classifier_out`` the fine-tuned model is written there (:func:`save_classifier`). The record
+    has the per-class top-1 and the most frequent confusions of the final evaluation (:func:`per_class`).
     """
     from mimkit.data.build import val_fraction
     from mimkit.data.datasets import SeededDataset
@@ -322,10 +364,15 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
             if state_path is not None and (step == total or time.perf_counter() - last_save >= SAVE_EVERY_S):
                 save()
         train_s += time.perf_counter() - t_train
-        acc = evaluate_classifier(model, test_loader, device, autocast)
+        counts = confusion_matrix(model, test_loader, device, num_classes, autocast)
+    acc = float(counts.diag().sum()) / max(int(counts.sum()), 1)
+    names = getattr(test_ds, "classes", None)
+    if classifier_out is not None:
+        save_classifier(model, cfg, classifier_out, names, source)
     if f.eval_every and curve_loader is test_loader and history:  # the curve's last point
         history[-1][f"{curve_split}_top1"] = acc
     return {"metric": "finetune_top1", "value": acc, "epochs_run": step / steps_per_epoch, "steps": step,
             "batch_size": batch, "accum_iter": accum, "lr": lr, "train_size": len(train_ds), "test_size": len(test_ds),
-            "num_classes": num_classes, "history": history,
+            "num_classes": num_classes, **per_class(counts, names), "history": history,
+            "classifier": None if classifier_out is None else str(classifier_out),
             "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0}}

@@ -151,8 +151,9 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
         num_classes = num_classes_of(labelled_dataset(cfg, "train", transform=lambda x: x))
         model = build_classifier(cfg, num_classes, w)
         # progress is saved beside the result; the same command again continues it
-        state = result_path(out, protocol, from_scratch, cfg).with_suffix(".state.pt")
-        result = run_finetune(model, cfg, device, state_path=state,
+        stem = result_path(out, protocol, from_scratch, cfg)
+        state = stem.with_suffix(".state.pt")
+        result = run_finetune(model, cfg, device, state_path=state, classifier_out=stem.with_suffix(""),
                               source=None if sha is None else f"{sha} ({weights})")
     else:
         from mimkit.eval.common import InputPixels

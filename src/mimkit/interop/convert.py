@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mimkit.engine.checkpoint import CheckpointError, atomic_save, load_file
+from mimkit.engine.checkpoint import CheckpointError, atomic_save, atomic_save_safetensors, load_file
 from mimkit.interop.official import infer_arch, model_from_state
 
 log = logging.getLogger("mimkit")
@@ -328,8 +328,6 @@ def export(path: str | Path, fmt: str, out: str | Path, encoder_only: bool = Fal
     ``hf``: a ``ViTMAEForPreTraining`` folder (``save_pretrained``) with ``preprocessor_config.json``
     and a model card ``README.md``. ``info['folder']`` is True for the folder formats.
     """
-    from safetensors.torch import save_file
-
     from mimkit.interop.timm import create_model_call, encoder_state_dict, save_timm_folder
 
     if fmt not in FORMATS:
@@ -364,11 +362,11 @@ def export(path: str | Path, fmt: str, out: str | Path, encoder_only: bool = Fal
     if fmt == "mae":
         atomic_save({"model": state, "arch": w.arch, "norm_pix_loss": w.norm_pix_loss}, out)
     elif fmt == "safetensors":
-        save_file(state, str(out), metadata=_metadata(w, "mimkit-safetensors"))
+        atomic_save_safetensors(state, out, metadata=_metadata(w, "mimkit-safetensors"))
     else:
         call = create_model_call(w.arch)
         meta = _metadata(w, "timm-vit")
         meta["create_model"] = call
-        save_file(state, str(out), metadata=meta)
+        atomic_save_safetensors(state, out, metadata=meta)
         info["create_model"] = call
     return info

@@ -113,42 +113,63 @@ def eval_crop(img_size: int) -> tuple[float, str]:
     return (1.0, "squash") if img_size <= 64 else (0.875, "center")
 
 
-def timm_config(arch: dict, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """The ``config.json`` of a timm hub folder for an MAE encoder (no classifier).
+def timm_config(arch: dict, mean: Sequence[float], std: Sequence[float], num_classes: int = 0,
+                global_pool: str | None = None, label_names: Sequence[str] | None = None) -> dict:
+    """The ``config.json`` of a timm hub folder: an MAE encoder (no classifier) by default, or a
+    fine-tuned classifier with ``num_classes``, its ``global_pool`` and ``label_names``.
 
-    ``pretrained_cfg`` carries the encoder's own input size, channel count, normalization and
+    ``pretrained_cfg`` carries the model's own input size, channel count, normalization and
     crop, so ``timm.data.resolve_data_config(model=m)`` returns them, and no registry source
     (``hf_hub_id``, ``url``) of the base architecture name.
     """
-    kwargs = timm_kwargs(arch)
+    kwargs = timm_kwargs(arch, num_classes=num_classes, **({} if global_pool is None else {"global_pool": global_pool}))
     size = kwargs["img_size"]
     h, w = (size, size) if isinstance(size, int) else size
     crop_pct, crop_mode = eval_crop(min(h, w))
+    pretrained_cfg = {
+        "input_size": [kwargs["in_chans"], h, w], "fixed_input_size": True,
+        "interpolation": "bicubic", "crop_pct": crop_pct, "crop_mode": crop_mode,
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "num_classes": num_classes, "first_conv": "patch_embed.proj", "classifier": "head",
+    }
+    if label_names is not None:
+        pretrained_cfg["label_names"] = [str(n) for n in label_names]
     return {
         "architecture": timm_model_name(arch) or "vit_base_patch16_224",  # model_args set the rest
-        "num_classes": 0,
+        "num_classes": num_classes,
         "num_features": kwargs["embed_dim"],
         "global_pool": kwargs["global_pool"],
         "model_args": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
-        "pretrained_cfg": {
-            "input_size": [kwargs["in_chans"], h, w], "fixed_input_size": True,
-            "interpolation": "bicubic", "crop_pct": crop_pct, "crop_mode": crop_mode,
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
-        },
+        "pretrained_cfg": pretrained_cfg,
     }
+
+
+def vit_arch(vit: VisionTransformer) -> dict:
+    """The MAE ``arch`` dict (encoder part) of a timm ``VisionTransformer``: the inverse of
+    :func:`timm_kwargs` for the architectures mimkit builds."""
+    block = vit.blocks[0]
+    return {"img_size": _square(vit.patch_embed.img_size), "patch_size": int(vit.patch_embed.patch_size[0]),
+            "in_chans": int(vit.patch_embed.proj.in_channels), "embed_dim": int(vit.embed_dim),
+            "depth": len(vit.blocks), "num_heads": int(block.attn.num_heads),
+            "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim}
 
 
 def save_timm_folder(state: dict[str, torch.Tensor], arch: dict, out: str | Path,
                      mean: Sequence[float], std: Sequence[float],
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (encoder only, timm names) to ``out``;
+                     metadata: dict[str, str] | None = None, num_classes: int = 0,
+                     global_pool: str | None = None, label_names: Sequence[str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (timm names) to ``out``, each file atomically;
     ``timm.create_model('local-dir:OUT', pretrained=True)`` loads it (and ``hf-hub:REPO`` once
-    the folder is uploaded)."""
-    from safetensors.torch import save_file
+    the folder is uploaded). With ``num_classes`` 0 (an MAE encoder) only the encoder entries of
+    ``state`` are written; otherwise ``state`` is a classifier's whole timm state dict
+    (:func:`timm_config` for ``global_pool`` and ``label_names``)."""
+    from mimkit.engine.checkpoint import atomic_save_safetensors, atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(timm_config(arch, mean, std), indent=2) + "\n")
-    save_file(encoder_state_dict(state), str(out / "model.safetensors"), metadata=metadata)
+    tensors = encoder_state_dict(state) if num_classes == 0 else \
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_save_safetensors(tensors, out / "model.safetensors", metadata=metadata)
+    config = timm_config(arch, mean, std, num_classes, global_pool, label_names)
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out
