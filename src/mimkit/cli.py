@@ -76,6 +76,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     record, path = evaluate(args.protocol, args.checkpoint, args.config, args.out, args.from_scratch,
                             args.overrides, args.weights, getattr(args, "pixels", False), grid)
     print(f"{record['metric']} = {100 * record['value']:.2f}%  ({record['timings']['wall_s']:.0f} s) -> {path}")
+    per_class = record["details"].get("per_class_top1")
+    if per_class:
+        weakest = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
+        print("weakest classes: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in weakest))
+    folder = record["details"].get("classifier")
+    if folder:
+        print(f"classifier: {folder} (timm.create_model('local-dir:{folder}', pretrained=True))")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ def test_eval_knn_writes_json_next_to_checkpoint(tiny_ckpt):
     assert rec["config"]["model"]["embed_dim"] == 32 and rec["timings"]["wall_s"] > 0
 
 
-def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path):
+def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "res"
     assert main(["eval", "linprobe", "--checkpoint", str(tiny_ckpt), "--out", str(out),
                  "eval.linprobe.epochs=2"]) == 0
@@ -27,6 +27,8 @@ def test_eval_linprobe_and_finetune_with_overrides(tiny_ckpt, tmp_path):
     rec = json.loads((out / "eval_finetune_lf0.5.json").read_text())
     assert rec["label_fraction"] == 0.5 and rec["details"]["train_size"] == 60
     assert not list(out.glob("*.state.pt"))  # the saved progress goes once the result is stored
+    printed = capsys.readouterr().out
+    assert "weakest classes: " in printed and "classifier: " in printed
     per_class = rec["details"]["per_class_top1"]
     assert len(per_class) == rec["details"]["num_classes"] and all(0 <= v <= 1 for v in per_class.values())
 

@@ -369,8 +369,6 @@ def run_finetune(model: nn.Module, cfg, device: torch.device, state_path: str | 
     names = getattr(test_ds, "classes", None)
     if classifier_out is not None:
         save_classifier(model, cfg, classifier_out, names, source)
-        log.info("fine-tuned classifier -> %s (timm.create_model('local-dir:%s', pretrained=True))",
-                 classifier_out, classifier_out)
     if f.eval_every and curve_loader is test_loader and history:  # the curve's last point
         history[-1][f"{curve_split}_top1"] = acc
     return {"metric": "finetune_top1", "value": acc, "epochs_run": step / steps_per_epoch, "steps": step,
