@@ -134,7 +134,7 @@ def evaluate(protocol: str, checkpoint: str | Path | None, config: Config | str 
     (``eval__knn_k=10``, ``data__label_fraction=0.1``). As the CLI's flags: ``from_scratch`` evaluates
     a random initialisation of the architecture (the checkpoint's, or ``config``'s with ``checkpoint=None``),
     ``pixels`` the input pixels themselves (knn, linprobe; ``checkpoint=None``), and ``grid=(ks,
-    temperatures)`` also scores every k-NN setting under ``record["grid"]`` (``eval__split="val"`` only).
+    temperatures)`` also scores every k-NN setting under ``record["details"]["grid"]`` (``eval__split="val"`` only).
     """
     import tempfile
 

@@ -134,15 +134,16 @@ def per_class(counts: torch.Tensor, names: list[str] | None = None, top: int = 1
     """Per-class top-1 and the ``top`` most frequent confusions of a :func:`confusion_matrix`
     (classes named by ``names``, else by index): where a classifier's errors are."""
     n = counts.shape[0]
-    names = [str(c) for c in range(n)] if names is None or len(names) != n else [str(c) for c in names]
-    totals = counts.sum(1)
-    off = counts.clone()
-    off.fill_diagonal_(0)
-    order = torch.argsort(off.flatten(), descending=True, stable=True)[:top]
-    confusions = [{"true": names[int(i) // n], "predicted": names[int(i) % n], "count": int(off.flatten()[i]),
-                   "share_of_true": float(off.flatten()[i]) / max(int(totals[int(i) // n]), 1)}
-                  for i in order if off.flatten()[i] > 0]
-    return {"per_class_top1": {names[c]: float(counts[c, c]) / max(int(totals[c]), 1) for c in range(n)},
+    names = [str(c) for c in (range(n) if names is None or len(names) != n else names)]
+    totals = counts.sum(1).clamp(min=1).tolist()
+    off = counts.clone().fill_diagonal_(0).flatten()
+    confusions = []
+    for i in torch.argsort(off, descending=True, stable=True)[:top].tolist():
+        true, pred = divmod(i, n)
+        if off[i] > 0:
+            confusions.append({"true": names[true], "predicted": names[pred], "count": int(off[i]),
+                               "share_of_true": int(off[i]) / totals[true]})
+    return {"per_class_top1": {names[c]: int(counts[c, c]) / totals[c] for c in range(n)},
             "top_confusions": confusions}
 
 

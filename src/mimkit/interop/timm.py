@@ -114,7 +114,7 @@ def eval_crop(img_size: int) -> tuple[float, str]:
 
 
 def timm_config(arch: dict, mean: Sequence[float], std: Sequence[float], num_classes: int = 0,
-                global_pool: str | None = None, label_names: Sequence[str] | None = None) -> dict:
+                global_pool: str = "token", label_names: Sequence[str] | None = None) -> dict:
     """The ``config.json`` of a timm hub folder: an MAE encoder (no classifier) by default, or a
     fine-tuned classifier with ``num_classes``, its ``global_pool`` and ``label_names``.
 
@@ -122,7 +122,7 @@ def timm_config(arch: dict, mean: Sequence[float], std: Sequence[float], num_cla
     crop, so ``timm.data.resolve_data_config(model=m)`` returns them, and no registry source
     (``hf_hub_id``, ``url``) of the base architecture name.
     """
-    kwargs = timm_kwargs(arch, num_classes=num_classes, **({} if global_pool is None else {"global_pool": global_pool}))
+    kwargs = timm_kwargs(arch, num_classes=num_classes, global_pool=global_pool)
     size = kwargs["img_size"]
     h, w = (size, size) if isinstance(size, int) else size
     crop_pct, crop_mode = eval_crop(min(h, w))
@@ -157,18 +157,17 @@ def vit_arch(vit: VisionTransformer) -> dict:
 def save_timm_folder(state: dict[str, torch.Tensor], arch: dict, out: str | Path,
                      mean: Sequence[float], std: Sequence[float],
                      metadata: dict[str, str] | None = None, num_classes: int = 0,
-                     global_pool: str | None = None, label_names: Sequence[str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (timm names) to ``out``, each file atomically;
+                     global_pool: str = "token", label_names: Sequence[str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` to ``out``, each file atomically:
     ``timm.create_model('local-dir:OUT', pretrained=True)`` loads it (and ``hf-hub:REPO`` once
-    the folder is uploaded). With ``num_classes`` 0 (an MAE encoder) only the encoder entries of
-    ``state`` are written; otherwise ``state`` is a classifier's whole timm state dict
-    (:func:`timm_config` for ``global_pool`` and ``label_names``)."""
+    the folder is uploaded). ``state`` has timm's names: an MAE encoder's entries
+    (:func:`encoder_state_dict`) or a fine-tuned classifier's whole state dict, with its
+    ``num_classes``, ``global_pool`` and ``label_names`` (:func:`timm_config`)."""
     from mimkit.engine.checkpoint import atomic_save_safetensors, atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = encoder_state_dict(state) if num_classes == 0 else \
-        {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_save_safetensors(tensors, out / "model.safetensors", metadata=metadata)
     config = timm_config(arch, mean, std, num_classes, global_pool, label_names)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
