@@ -10,10 +10,10 @@ from mimkit.objectives import build_objective
 
 def test_the_demo_preset_is_fmnist_tiny_with_partial_reconstruction(tiny_overrides):
     """Every method runs on fmnist_tiny; only the demo's MAE predicts a share of the masked patches
-    (and the demo's k-NN has its own k and T, chosen on val for its encoder)."""
+    (and the demo's k-NN has its own bank, k and T, chosen on val for its encoder)."""
     demo, tiny = (flat_dict(to_dict(load_config(name))) for name in ("fmnist_demo", "fmnist_tiny"))
     assert {k for k in demo if demo[k] != tiny[k]} == {"decoder.predict_ratio", "data.decode", "eval.knn_k",
-                                                         "eval.knn_temperature"}
+                                                         "eval.knn_temperature", "eval.max_train_samples"}
     assert demo["decoder.predict_ratio"] < 1 and tiny["decoder.predict_ratio"] == 1
     for method in ("mae", "emae", "mixedae", "rcmae", "emae+rcmae"):
         cfg = load_config("fmnist_tiny", [f"method={method}", *tiny_overrides])

@@ -79,6 +79,18 @@ def test_run_knn_with_label_fraction(make_cfg):
     assert out["bank_size"] == 60 and out["test_size"] == 120 and 0.0 <= out["value"] <= 1.0
 
 
+def test_run_knn_grid_keeps_the_configured_value_and_only_the_asked_cells(make_cfg):
+    """With a grid, the configured (k, T) is read from the same neighbour search even when it lies
+    outside the grid, and the record's grid holds the asked cells only."""
+    cfg = make_cfg("eval.feature=both", "eval.knn_k=7", "eval.knn_temperature=0.3")
+    torch.manual_seed(0)
+    model = model_from_config(cfg)
+    plain = run_knn(model, cfg, torch.device("cpu"))
+    gridded = run_knn(model, cfg, torch.device("cpu"), grid=([1, 20], [0.05]))
+    assert abs(gridded["value"] - plain["value"]) < 1e-6
+    assert [(r["k"], r["temperature"]) for r in gridded["grid"]] == [(1, 0.05), (20, 0.05)]
+
+
 def test_knn_monitor_uses_eval_model_and_restores_mode(make_cfg):
     cfg = make_cfg("eval.monitor_samples=40")
     objective = MAE(model_from_config(cfg), cfg.mask_ratio).train()

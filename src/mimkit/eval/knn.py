@@ -146,12 +146,18 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
     fb, lb = extract_features(encoder, bank, device, e.feature, f"{desc} bank".strip(), autocast=amp)
     fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} {cfg.eval.split}".strip(), autocast=amp)
     num_classes = int(max(lb.max(), lq.max())) + 1
-    acc = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k, temperature=e.knn_temperature,
-                       num_classes=num_classes)
-    result = {"metric": "knn_top1", "value": acc, "k": e.knn_k, "temperature": e.knn_temperature,
+    result = {"metric": "knn_top1", "k": e.knn_k, "temperature": e.knn_temperature,
               "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
-    if grid is not None:
-        result["grid"] = knn_grid(fb.to(device), lb, fq.to(device), lq, *grid, num_classes=num_classes)
+    if grid is None:
+        result["value"] = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k,
+                                       temperature=e.knn_temperature, num_classes=num_classes)
+        return result
+    # one neighbour search for the grid and the configured setting, which may lie outside it
+    ks, temps = grid
+    cells = knn_grid(fb.to(device), lb, fq.to(device), lq, sorted({*ks, e.knn_k}),
+                     sorted({*temps, e.knn_temperature}), num_classes=num_classes)
+    result["value"] = next(c["top1"] for c in cells if c["k"] == e.knn_k and c["temperature"] == e.knn_temperature)
+    result["grid"] = [c for c in cells if c["k"] in ks and c["temperature"] in temps]
     return result
 
 
