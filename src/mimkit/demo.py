@@ -106,7 +106,7 @@ images in patches of {model.patch_size}, mask ratio {cfg.mask_ratio}, target: {t
 | evaluation time | {eval_time / 60:.1f} min |
 | hardware | {cpu_name()}, {torch.get_num_threads()} threads, {device} |
 
-k-NN bank: {knn_pre['bank_size']} training images; queries: the {knn_pre['test_size']} test images.
+k-NN bank: {knn_pre['bank_size']:,} training images; queries: the {knn_pre['test_size']:,} test images.
 Pre-training moved the k-NN by {gain['random']} points from the random encoder, and the encoder is
 {gain['pixels']} points from the pixels themselves (the same bank, queries and k-NN on the flattened
 input images). MAE features are known to be weak under k-NN (see docs/evaluation.md): judge them by
