@@ -148,6 +148,12 @@ def _train(cfg: Config, run: Path, state: dict | None) -> Path:
     on_device = device_augmentation(cfg)  # data.decode=device: decode and crop on the device
     torch.manual_seed(t.seed)
     model = model_from_config(cfg)
+    if t.init_from and state is None:  # a resumed run has its own weights
+        from mimkit.interop.convert import init_from
+
+        w = init_from(model, t.init_from)
+        log.info("init: weights from %s (%s%s)", t.init_from, w.source,
+                 ", encoder only: the decoder starts from train.seed" if w.encoder_only else "")
     objective = build_objective(cfg, model).to(device)  # a bad method or shape fails before anything is saved
     if info.is_main:
         atomic_write_text(run / "config.yaml", config_yaml(cfg))

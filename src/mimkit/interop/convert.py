@@ -221,6 +221,52 @@ def build_mae(w: Weights, **overrides):
     return model_from_state(w.state, w.arch, norm_pix_loss=norm_pix, **overrides)
 
 
+def init_from(model, path: str | Path, weights: str = "auto") -> Weights:
+    """Load ``path``'s weights (any file :func:`read_weights` reads) into ``model``, a fresh MAE
+    built from a run's config, so that pre-training starts from them: continued or
+    domain-adaptive pre-training (``train.init_from``).
+
+    The architecture is the model's: every tensor of the file must fit it, except the position
+    tables, which are resized to the model's patch grid. An encoder-only file leaves the model's
+    own (seeded) decoder and mask token in place. A file that does not fit raises
+    :class:`~mimkit.config.ConfigError` naming the first tensor that differs.
+    """
+    import math
+
+    from mimkit.config import ConfigError
+    from mimkit.models.vit import resize_pos_embed
+
+    w = read_weights(path, weights)
+    own = model.state_dict()
+    state = dict(w.state)
+    for name in ("pos_embed", "decoder_pos_embed"):
+        t = state.get(name)
+        if t is not None and name in own and t.shape != own[name].shape and t.shape[-1] == own[name].shape[-1]:
+            side = math.isqrt(t.shape[1] - 1)
+            if side * side == t.shape[1] - 1:
+                state[name] = resize_pos_embed(t, (side, side), model.grid)
+    fix = (f"set model.* to the file's architecture ({_arch_text(w.arch)}) or drop train.init_from")
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state
+                     and not (w.encoder_only and k.startswith(("decoder", "mask_token"))))
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if unexpected or missing:
+        name, what = (unexpected[0], "has") if unexpected else (missing[0], "lacks")
+        raise ConfigError(f"train.init_from={path} {what} {name!r}, which the configured model "
+                          f"{'does not have' if unexpected else 'needs'}: {fix}")
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"train.init_from={path}: {k} is {tuple(state[k].shape)}, the configured model's "
+                          f"{tuple(own[k].shape)}: {fix}")
+    model.load_state_dict(state, strict=False)
+    return w
+
+
+def _arch_text(arch: dict) -> str:
+    keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "decoder_embed_dim", "decoder_depth")
+    return ", ".join(f"{k}={arch[k]}" for k in keys if k in arch)
+
+
 def _metadata(w: Weights, fmt: str) -> dict[str, str]:
     meta = {"format": fmt, "arch": json.dumps(w.arch), "norm_pix_loss": str(w.norm_pix_loss).lower()}
     if w.mask_ratio is not None:
