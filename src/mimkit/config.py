@@ -111,9 +111,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float | None = None
     seed: int = 0
-    # start pre-training from these weights (any file `mimkit export` or the official MAE release
-    # writes; the architecture stays the config's): continued or domain-adaptive pre-training
-    init_from: str | None = None
+    init_from: str | None = None  # weights to start from (official MAE, mimkit export, run checkpoint)
     amp: Amp = "auto"  # auto (bf16 where supported, fp32 on CPU) | bf16 | fp16 | off
     device: Device = "auto"  # auto | cpu | cuda
     compile: bool = False
