@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mimkit.engine.checkpoint import CheckpointError, atomic_save, atomic_save_safetensors, load_file
-from mimkit.interop.official import infer_arch, model_from_state
+from mimkit.interop.official import fit_position_tables, infer_arch, model_from_state
 
 log = logging.getLogger("mimkit")
 FORMATS = ("timm", "mae", "hf", "safetensors")
@@ -231,21 +231,12 @@ def init_from(model, path: str | Path, weights: str = "auto") -> Weights:
     own (seeded) decoder and mask token in place. A file that does not fit raises
     :class:`~mimkit.config.ConfigError` naming the first tensor that differs.
     """
-    import math
-
     from mimkit.config import ConfigError
-    from mimkit.models.vit import resize_pos_embed
 
     w = read_weights(path, weights)
     own = model.state_dict()
-    state = dict(w.state)
-    for name in ("pos_embed", "decoder_pos_embed"):
-        t = state.get(name)
-        if t is not None and name in own and t.shape != own[name].shape and t.shape[-1] == own[name].shape[-1]:
-            side = math.isqrt(t.shape[1] - 1)
-            if side * side == t.shape[1] - 1:
-                state[name] = resize_pos_embed(t, (side, side), model.grid)
     fix = (f"set model.* to the file's architecture ({_arch_text(w.arch)}) or drop train.init_from")
+    state = fit_position_tables(w.state, model)
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state
                      and not (w.encoder_only and k.startswith(("decoder", "mask_token"))))

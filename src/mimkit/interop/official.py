@@ -55,15 +55,11 @@ def is_encoder_only(state: dict) -> bool:
     return "decoder_embed.weight" not in state
 
 
-def model_from_state(state: dict[str, torch.Tensor], arch: dict | None = None,
-                     norm_pix_loss: bool = True, **overrides) -> MaskedAutoencoderViT:
-    """Build an MAE for ``state`` (full or encoder-only) and load it; shapes decide the arch."""
-    kwargs = dict(arch or infer_arch(state))
-    kwargs["norm_pix_loss"] = norm_pix_loss
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    model = MaskedAutoencoderViT(**kwargs)
+def fit_position_tables(state: dict[str, torch.Tensor], model: MaskedAutoencoderViT) -> dict:
+    """``state`` (a copy) with its fixed position tables fitted to ``model``'s patch grid: resized
+    (bicubic) when the grid differs, rebuilt (sin-cos) when absent (an encoder-only state keeps no
+    decoder table)."""
     state = dict(state)
-    # Fixed tables: resize to the requested grid (bicubic), or rebuild when absent.
     for name in ("pos_embed", "decoder_pos_embed"):
         target = getattr(model, name)
         if name in state and state[name].shape != target.shape:
@@ -71,6 +67,17 @@ def model_from_state(state: dict[str, torch.Tensor], arch: dict | None = None,
             state[name] = resize_pos_embed(state[name], (old, old), model.grid)
         elif name not in state and not (name == "decoder_pos_embed" and is_encoder_only(state)):
             state[name] = sincos_2d(target.shape[-1], model.grid)
+    return state
+
+
+def model_from_state(state: dict[str, torch.Tensor], arch: dict | None = None,
+                     norm_pix_loss: bool = True, **overrides) -> MaskedAutoencoderViT:
+    """Build an MAE for ``state`` (full or encoder-only) and load it; shapes decide the arch."""
+    kwargs = dict(arch or infer_arch(state))
+    kwargs["norm_pix_loss"] = norm_pix_loss
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    model = MaskedAutoencoderViT(**kwargs)
+    state = fit_position_tables(state, model)
     if is_encoder_only(state):
         missing, unexpected = model.load_state_dict(state, strict=False)
         enc_missing = [k for k in missing if not k.startswith(("decoder", "mask_token"))]
