@@ -84,13 +84,14 @@ def test_pixels_are_the_yardstick_of_knn_and_linprobe(tiny_ckpt, tiny_cfg, tmp_p
 
     assert main(["eval", "knn", "--pixels", "--checkpoint", str(tiny_ckpt)]) == 0  # the checkpoint lends its config
     rec = json.loads((tiny_ckpt.parent / "eval_knn_pixels.json").read_text())
-    assert rec["pixels"] and rec["checkpoint_sha256"] is None
+    assert rec["pixels"] and rec["checkpoint_sha256"] is None and rec["details"]["feature"] == "pixels"
     assert rec["value"] == run_pixel_knn(tiny_cfg)["value"]
     assert not (tiny_ckpt.parent / "eval_knn.json").exists()  # the encoder's result is not overwritten
     out = tmp_path / "pix"
     assert main(["eval", "linprobe", "--pixels", "--checkpoint", str(tiny_ckpt), "--out", str(out),
                  "eval.linprobe.epochs=2"]) == 0
-    assert 0 <= json.loads((out / "eval_linprobe_pixels.json").read_text())["value"] <= 1
+    lin = json.loads((out / "eval_linprobe_pixels.json").read_text())
+    assert 0 <= lin["value"] <= 1 and lin["details"]["feature"] == "pixels"  # not eval.feature: no tokens to pool
     assert main(["eval", "knn", "--pixels", "--from-scratch", "--checkpoint", str(tiny_ckpt), "--out", str(out)]) == 2
     assert "--pixels: the input pixels have no encoder" in capsys.readouterr().err
 

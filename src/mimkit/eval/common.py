@@ -113,7 +113,10 @@ def knn_features(parts: list[torch.Tensor]) -> torch.Tensor:
 class InputPixels(torch.nn.Module):
     """The "encoder" whose features are the input pixels: its tokens are the flattened image, as a
     class token and as the one patch token, so ``cls``, ``mean`` and ``both`` all read the pixels.
-    The yardstick a pre-trained encoder's k-NN and linear probe are read against (small images)."""
+    The yardstick a pre-trained encoder's k-NN and linear probe are read against (small images).
+    Its ``feature_name`` replaces ``eval.feature`` in results: the pixels have no tokens to pool."""
+
+    feature_name = "pixels"
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         x = imgs.flatten(1)

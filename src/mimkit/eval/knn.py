@@ -147,7 +147,7 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
     fq, lq = extract_features(encoder, queries, device, e.feature, f"{desc} {cfg.eval.split}".strip(), autocast=amp)
     num_classes = int(max(lb.max(), lq.max())) + 1
     result = {"metric": "knn_top1", "k": e.knn_k, "temperature": e.knn_temperature,
-              "feature": e.feature, "bank_size": len(lb), "test_size": len(lq)}
+              "feature": getattr(encoder, "feature_name", e.feature), "bank_size": len(lb), "test_size": len(lq)}
     if grid is None:
         result["value"] = knn_accuracy(fb.to(device), lb, fq.to(device), lq, k=e.knn_k,
                                        temperature=e.knn_temperature, num_classes=num_classes)
@@ -164,7 +164,7 @@ def run_knn(encoder, cfg, device: torch.device, desc: str = "", max_test_samples
 def run_pixel_knn(cfg, max_test_samples: int = 0) -> dict:
     """:func:`run_knn`'s protocol on the input pixels themselves (:class:`InputPixels`: each image
     as the evaluation transform gives it, flattened): the yardstick an encoder's k-NN is read against."""
-    return {**run_knn(InputPixels(), cfg, torch.device("cpu"), "pixels", max_test_samples), "feature": "pixels"}
+    return run_knn(InputPixels(), cfg, torch.device("cpu"), "pixels", max_test_samples)
 
 
 def knn_monitor(objective_or_model, cfg, device: torch.device) -> float:

@@ -206,7 +206,8 @@ def run_linprobe(encoder, cfg, device: torch.device) -> dict:
                                     "test features", normalize=False, autocast=autocast_context(cfg, device))
         train_acc = None
     acc = head_accuracy(head, fte, lte)
-    return {"metric": "linprobe_top1", "value": acc, "train_top1": train_acc, "feature": p.feature,
+    return {"metric": "linprobe_top1", "value": acc, "train_top1": train_acc,
+            "feature": getattr(encoder, "feature_name", p.feature),
             "optimizer": p.optimizer, "epochs": p.epochs, "cached_features": p.cached_features,
             "train_size": len(train_ds), "test_size": len(lte), "num_classes": num_classes, **stats,
             "timings": {"features_s": t1 - t0, "train_s": t2 - t1, "total_s": time.perf_counter() - t0}}

@@ -169,8 +169,6 @@ def evaluate(protocol: str, checkpoint: str | Path | None = None, config: str | 
             from mimkit.eval.linprobe import run_linprobe
 
             result = run_linprobe(encoder, cfg, device)
-        if pixels:
-            result["feature"] = "pixels"  # not eval.feature: the pixels have no tokens to pool
     elapsed = time.perf_counter() - t0
     timings = dict(result.pop("timings", {}))
     timings["wall_s"] = elapsed
