@@ -204,3 +204,16 @@ def test_a_preemptible_job_relaunched_with_its_config_continues(tmp_path, tiny_o
     assert saved_batch < 64  # fitted to 40 samples
     run = pretrain(load_config(None, over), run, resume=True, overrides=["train.max_steps=4"])
     assert [s for s, _ in list_checkpoints(run)][-1] == 4
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, tiny_overrides):
+    """A bad setting found at start (here a missing init_from file) is an error, not an empty run folder;
+    a folder the user made stays, without the lock file."""
+    bad = tiny_overrides + ["train.max_steps=1", f"train.init_from={tmp_path / 'missing.pt'}"]
+    with pytest.raises(Exception, match="missing.pt"):
+        pretrain(load_config(None, bad), tmp_path / "new" / "run")
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(Exception, match="missing.pt"):
+        pretrain(load_config(None, bad), tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -42,12 +43,14 @@ def check_resume_compatible(saved: dict, new: dict, run: Path) -> None:
 
 class RunLock:
     """An exclusive ``flock`` on ``RUN/.lock`` for the life of a run. The kernel drops it when the
-    process dies, however it dies, so a killed run never leaves a stale lock behind."""
+    process dies, however it dies, so a killed run never leaves a stale lock behind. A run that
+    fails before writing anything (a bad key, a missing file) leaves no folder behind either."""
 
     def __init__(self, run: Path) -> None:
-        self.run, self.fd = Path(run), None
+        self.run, self.fd, self.created = Path(run), None, False
 
     def __enter__(self) -> RunLock:
+        self.created = not self.run.exists()
         try:
             self.run.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.run / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
@@ -66,7 +69,13 @@ class RunLock:
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.fd is None:
+            return
+        if exc_type is not None and [p.name for p in self.run.iterdir()] == [".lock"]:
+            (self.run / ".lock").unlink(missing_ok=True)  # still ours: the flock is held
+            if self.created:
+                with contextlib.suppress(OSError):  # a new writer's files keep it
+                    self.run.rmdir()
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
