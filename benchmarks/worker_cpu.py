@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 from unittest import mock
 
 
@@ -36,9 +35,9 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     ds = pretrain_dataset(cfg)
     n = min(args.calls, len(ds))
-    fake_worker = SimpleNamespace(id=0, num_workers=1, seed=0, dataset=ds)
     per_image = []
-    with mock.patch.object(datasets, "get_worker_info", return_value=fake_worker):
+    # SeededDataset only asks whether it runs in a worker (get_worker_info() is not None)
+    with mock.patch.object(datasets, "get_worker_info", return_value=object()):
         ds[0]  # warm caches (file pages, lazy imports)
         for _ in range(args.repeats):
             t0 = time.process_time()
